@@ -103,7 +103,9 @@ class Weighting:
         """As `sample`, but states on the cube grid 0..cube_levels."""
         raise NotImplementedError
 
-    def edge_probability(self, state: Sequence[int] | Tensor, frame: int, exact: bool = False) -> float | Fraction:
+    def edge_probability(
+        self, state: Sequence[int] | Tensor, frame: int, exact: bool = False
+    ) -> float | Fraction:
         """Expected fraction of a path's n*K decrements that lower `frame` at cube `state`."""
         state = self._check_state(state, frame)
         if exact:
@@ -310,14 +312,20 @@ class Mixture(Weighting):
         return cube, weights
 
     def _exact(self, state, frame):
-        return sum((p * c._exact(state, frame) for p, c in zip(self.probs, self.components, strict=True)),
-                   Fraction(0))
+        return sum(
+            (p * c._exact(state, frame) for p, c in zip(self.probs, self.components, strict=True)),
+            Fraction(0),
+        )
 
     def _float(self, state, frame):
-        return sum(float(p) * c._float(state, frame) for p, c in zip(self.probs, self.components, strict=True))
+        return sum(
+            float(p) * c._float(state, frame) for p, c in zip(self.probs, self.components, strict=True)
+        )
 
 
-WEIGHTINGS: dict[str, type[Weighting]] = {w.name: w for w in (Independent, Paths, Teacher, Sync, Schedule, Mixture)}
+WEIGHTINGS: dict[str, type[Weighting]] = {
+    w.name: w for w in (Independent, Paths, Teacher, Sync, Schedule, Mixture)
+}
 
 
 def get_weighting(name: str, frames: int, levels: int, **options) -> Weighting:
@@ -366,7 +374,9 @@ def scheduling_matrix(
     block = options.get("block", 1)
     offset = {"autoregressive": steps, "teacher": steps, "sync": 0}.get(name, options.get("offset", 1))
     if block < 1 or not 0 <= offset <= steps:
-        raise ValueError(f"need block >= 1 and 0 <= offset <= steps={steps}, got block={block}, offset={offset}")
+        raise ValueError(
+            f"need block >= 1 and 0 <= offset <= steps={steps}, got block={block}, offset={offset}"
+        )
     grid = torch.linspace(levels, 0, steps + 1, dtype=torch.float64).round().long()  # [steps+1]
     blocks = torch.arange(frames) // block  # [n] block of each frame
     rows = steps + int(blocks[-1]) * offset
@@ -383,7 +393,9 @@ def check_scheduling_matrix(matrix: Sequence[Sequence[int]] | Tensor, frames: in
     if m.is_floating_point() or m.is_complex() or m.dtype == torch.bool:
         raise ValueError(f"scheduling matrix must hold integer levels, got dtype {m.dtype}")
     if m.ndim != 2 or m.shape[1] != frames or m.shape[0] < 2:
-        raise ValueError(f"scheduling matrix must have shape [S+1 >= 2, frames={frames}], got {list(m.shape)}")
+        raise ValueError(
+            f"scheduling matrix must have shape [S+1 >= 2, frames={frames}], got {list(m.shape)}"
+        )
     m = m.long()
     if m.min() < 0 or m.max() > levels:
         raise ValueError(f"scheduling matrix levels must lie in 0..{levels}, got {m.min()}..{m.max()}")
@@ -393,8 +405,10 @@ def check_scheduling_matrix(matrix: Sequence[Sequence[int]] | Tensor, frames: in
         raise ValueError(f"scheduling matrix last row must be all 0 (clean), got {m[-1].tolist()}")
     for row in range(len(m) - 1):
         if (m[row + 1] > m[row]).any():
-            raise ValueError(f"scheduling matrix row {row + 1} raises a level of row {row}: "
-                             f"{m[row].tolist()} -> {m[row + 1].tolist()}")
+            raise ValueError(
+                f"scheduling matrix row {row + 1} raises a level of row {row}: "
+                f"{m[row].tolist()} -> {m[row + 1].tolist()}"
+            )
         if (m[row + 1] == m[row]).all():
             raise ValueError(f"scheduling matrix rows {row} and {row + 1} are equal: {m[row].tolist()}")
     return m
