@@ -17,6 +17,7 @@ Inference follows a single path: a scheduling matrix [S+1, n] whose rows are sta
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Mapping, Sequence
 from fractions import Fraction
@@ -337,10 +338,13 @@ def get_weighting(name: str, frames: int, levels: int, **options) -> Weighting:
         options = {"schedule": schedule, **options}
     if name not in WEIGHTINGS:
         raise ValueError(f"unknown weighting '{name}'; choose from {', '.join(WEIGHTINGS)}")
-    try:
-        return WEIGHTINGS[name](frames, levels, **options)
-    except TypeError as error:  # an unknown keyword: name it
-        raise ValueError(f"weighting '{name}': {error}") from None
+    params = inspect.signature(WEIGHTINGS[name]).parameters
+    takes = set(params) - {"frames", "levels", "schedule_options"}
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()) and (unknown := set(options) - takes):
+        raise ValueError(
+            f"weighting '{name}' got unknown options {sorted(unknown)}; it takes {sorted(takes)}"
+        )
+    return WEIGHTINGS[name](frames, levels, **options)
 
 
 SCHEDULES = ("autoregressive", "pyramid", "sync", "teacher")
