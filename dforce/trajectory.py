@@ -32,14 +32,17 @@ from torch import Tensor
 EXACT_LIMIT = 64
 
 
+def _device(generator: torch.Generator | None) -> torch.device | None:
+    """Random tensors are made where their generator lives."""
+    return generator.device if generator is not None else None
+
+
 def _rand(shape: tuple[int, ...], generator: torch.Generator | None) -> Tensor:
-    device = generator.device if generator is not None else None
-    return torch.rand(shape, generator=generator, device=device)
+    return torch.rand(shape, generator=generator, device=_device(generator))
 
 
 def _randint(low: int, high: int, shape: tuple[int, ...], generator: torch.Generator | None) -> Tensor:
-    device = generator.device if generator is not None else None
-    return torch.randint(low, high, shape, generator=generator, device=device)
+    return torch.randint(low, high, shape, generator=generator, device=_device(generator))
 
 
 def _multinomial(counts: Sequence[int]) -> int:
@@ -267,7 +270,7 @@ class Schedule(Weighting):
         return f"{super().__repr__()[:-1]}, schedule={self.schedule}, rows={len(self.matrix)})"
 
     def sample_cube(self, batch, generator=None):
-        matrix = self.matrix if generator is None else self.matrix.to(generator.device)
+        matrix = self.matrix.to(_device(generator))
         rows = len(matrix) - 1
         m = _randint(0, rows, (batch,), generator)  # [B]
         drop = (matrix[m] - matrix[m + 1]).float()  # [B, n]
@@ -309,7 +312,7 @@ class Mixture(Weighting):
         return f"Mixture({mix}, frames={self.frames}, levels={self.levels}, cube={self.cube_levels})"
 
     def sample_cube(self, batch, generator=None):
-        device = generator.device if generator is not None else None
+        device = _device(generator)
         probs = torch.tensor([float(p) for p in self.probs], device=device)
         pick = torch.multinomial(probs, batch, replacement=True, generator=generator)  # [B]
         cube = torch.empty(batch, self.frames, dtype=torch.long, device=device)
