@@ -1,0 +1,190 @@
+"""Block-causal attention over frames: masks, two backends with identical results, and the KV cache.
+
+Every token belongs to a frame, every frame to a causal block of `frames_per_block` frames. A token
+sees every token of its own block and of earlier blocks. One rule (`_visible`) decides this for both
+backends: SDPA with a boolean mask (CPU, and anywhere as the fallback) and flex_attention with a
+`BlockMask` (GPU; skips fully masked tiles, compiles). Masks are built once per `Layout` and cached.
+
+Teacher-forcing layout: the sequence is `T` context frames followed by the same `T` frames noised.
+Context frames attend block-causally among themselves; noisy frame `t` sees the context blocks before
+its own block and the noisy frames of its own block. One forward so trains every frame of the
+teacher-forcing staircase, each conditioned on the true past.
+
+KV cache, for rollout (see `KVCache`): feed frames a block at a time; each call attends to the cached
+keys and values of earlier blocks plus its own. Pass `update_cache=True` to the model when a block is
+fed at its final level (clean, or the context-noise level) and its keys and values are appended. The
+cache keeps at most `max_frames` frames, dropping the oldest whole blocks, so a rollout runs far past
+the training horizon at constant cost per frame. Keys are stored after the rotary embedding at their
+absolute frame positions; attention depends only on differences of positions, so the window behaves the
+same at frame 10 000 as at frame 10. Each cached frame keeps the keys it got from its own window: in a
+one-layer model this equals recomputing the current window, in a deeper one it is the rolling-cache
+rollout itself (within the horizon, cache and full forward agree exactly).
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
+
+Backend = Literal["auto", "sdpa", "flex"]
+BACKENDS = ("auto", "sdpa", "flex")
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The token layout of one attention call; hashable, so its masks are built once and reused.
+
+    `frames` are the frames fed in this call (in the teacher layout: the number of context frames, with
+    as many noisy frames after them); `cached` frames precede them in the KV cache. Blocks count from
+    the first key frame, which the cache keeps on a block boundary.
+    """
+
+    frames: int
+    tokens_per_frame: int
+    frames_per_block: int = 1
+    cached: int = 0
+    teacher: bool = False
+
+    def __post_init__(self) -> None:
+        if self.teacher and self.cached:
+            raise ValueError("the teacher-forcing layout does not read a KV cache")
+
+    @property
+    def query_tokens(self) -> int:
+        return self.frames * self.tokens_per_frame * (2 if self.teacher else 1)
+
+    @property
+    def key_tokens(self) -> int:
+        return self.query_tokens + self.cached * self.tokens_per_frame
+
+    def tokens(
+        self, device: torch.device | str
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(query block, query noisy, key block, key noisy) per token, all [L] on `device`."""
+        frame = torch.arange(self.cached + self.frames, device=device)
+        block = (frame // self.frames_per_block).repeat_interleave(self.tokens_per_frame)  # [Lk]
+        noisy = torch.zeros_like(block, dtype=torch.bool)
+        if self.teacher:
+            block = torch.cat([block, block])
+            noisy = torch.cat([noisy, ~noisy])
+        queries = slice(self.cached * self.tokens_per_frame, None)
+        return block[queries], noisy[queries], block, noisy
+
+
+def _visible(q_block: torch.Tensor, q_noisy: torch.Tensor, k_block: torch.Tensor, k_noisy: torch.Tensor):
+    """Whether a query token may attend to a key token (broadcasts; also used inside flex's mask_mod)."""
+    clean_query = ~k_noisy & (k_block <= q_block)
+    noisy_query = (~k_noisy & (k_block < q_block)) | (k_noisy & (k_block == q_block))
+    return torch.where(q_noisy, noisy_query, clean_query)
+
+
+@functools.lru_cache(maxsize=64)
+def sdpa_mask(layout: Layout, device: torch.device) -> torch.Tensor:
+    """Boolean mask [Lq, Lk], True where attention is allowed."""
+    q_block, q_noisy, k_block, k_noisy = layout.tokens(device)
+    return _visible(q_block[:, None], q_noisy[:, None], k_block[None, :], k_noisy[None, :])
+
+
+@functools.lru_cache(maxsize=64)
+def flex_block_mask(layout: Layout, device: torch.device) -> BlockMask:
+    """The same mask as a flex_attention `BlockMask`, whose fully masked tiles are skipped."""
+    q_block, q_noisy, k_block, k_noisy = layout.tokens(device)
+
+    def mask_mod(b, h, q, k):
+        return _visible(q_block[q], q_noisy[q], k_block[k], k_noisy[k])
+
+    return create_block_mask(mask_mod, None, None, layout.query_tokens, layout.key_tokens, device=device)
+
+
+@functools.cache
+def _compiled_flex():
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def resolve_backend(backend: Backend, device: torch.device, needs_grad: bool) -> str:
+    """`auto` picks flex_attention on GPU and SDPA elsewhere; flex has no backward on CPU (torch 2.13)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; choose from {', '.join(BACKENDS)}")
+    if backend == "auto":
+        return "flex" if device.type == "cuda" else "sdpa"
+    if backend == "flex" and device.type == "cpu" and needs_grad:
+        raise ValueError("attention backend 'flex' has no backward on CPU; use 'sdpa' (or 'auto') to train")
+    return backend
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout, backend: Backend = "auto"):
+    """Masked attention. q [B, H, Lq, D], k and v [B, H, Lk, D] -> [B, H, Lq, D]."""
+    backend = resolve_backend(backend, q.device, torch.is_grad_enabled() and q.requires_grad)
+    if backend == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask(layout, q.device))
+    block_mask = flex_block_mask(layout, q.device)
+    if q.device.type == "cuda":
+        return _compiled_flex()(q, k, v, block_mask=block_mask)
+    with warnings.catch_warnings():  # uncompiled flex on CPU is a slow reference path; it warns each call
+        warnings.simplefilter("ignore", UserWarning)
+        return flex_attention(q, k, v, block_mask=block_mask)
+
+
+class KVCache:
+    """Keys and values of finished frames, per layer, in a rolling window of at most `max_frames` frames.
+
+    `start` is the absolute index of the oldest cached frame and `end` that of the next frame to feed;
+    the model places new frames at position `end`. The model appends to a layer with `append` during a
+    forward with `update_cache=True` and then calls `advance`, which drops the oldest whole blocks.
+    """
+
+    def __init__(self, max_frames: int, frames_per_block: int = 1) -> None:
+        if max_frames < 0 or max_frames % frames_per_block:
+            raise ValueError(
+                f"KVCache max_frames={max_frames} must be a non-negative multiple of "
+                f"frames_per_block={frames_per_block}"
+            )
+        self.max_frames = max_frames
+        self.frames_per_block = frames_per_block
+        self.keys: dict[int, torch.Tensor] = {}  # layer -> [B, H, frames * tokens, D]
+        self.values: dict[int, torch.Tensor] = {}
+        self.frames = 0
+        self.start = 0
+
+    @property
+    def end(self) -> int:
+        return self.start + self.frames
+
+    def get(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if layer not in self.keys:
+            return None
+        return self.keys[layer], self.values[layer]
+
+    def append(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Stage a layer's new keys and values [B, H, L, D]; `advance` commits the frame count."""
+        if layer in self.keys:
+            keys = torch.cat([self.keys[layer], keys], dim=2)
+            values = torch.cat([self.values[layer], values], dim=2)
+        self.keys[layer], self.values[layer] = keys, values
+
+    def advance(self, frames: int, tokens_per_frame: int) -> None:
+        """Count `frames` new frames and drop the oldest blocks beyond the window."""
+        if frames % self.frames_per_block:
+            raise ValueError(
+                f"frames are written to the KV cache in whole blocks of {self.frames_per_block}; got {frames}"
+            )
+        self.frames += frames
+        drop = max(0, self.frames - self.max_frames)
+        if drop:
+            for layer in self.keys:
+                self.keys[layer] = self.keys[layer][:, :, drop * tokens_per_frame :]
+                self.values[layer] = self.values[layer][:, :, drop * tokens_per_frame :]
+            self.start += drop
+            self.frames -= drop
+
+    def reset(self) -> None:
+        self.keys.clear()
+        self.values.clear()
+        self.frames = 0
+        self.start = 0

@@ -1,0 +1,298 @@
+"""The causal spatio-temporal transformer: noisy frames and their per-frame levels -> a prediction.
+
+It knows nothing of the noise process: `timesteps` are whatever numbers the loss passes (levels, or
+t * 1000), and what the output means (eps, x0, v, flow) is decided by the loss. Each frame's timestep
+(plus an optional clip label and per-frame action) modulates that frame's tokens through adaLN-Zero,
+which is what lets every frame sit at its own noise level. Attention is block-causal over frames with
+3-D rotary positions (time, height, width), so it depends on relative time and a rolling KV cache
+(`dforce.attention.KVCache`) is exact past the training horizon.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.attention import FeedForward
+from diffusers.models.embeddings import (
+    TimestepEmbedding,
+    Timesteps,
+    apply_rotary_emb,
+    get_1d_rotary_pos_embed,
+)
+from diffusers.models.modeling_utils import ModelMixin
+from einops import rearrange
+from torch import nn
+
+from dforce.attention import Backend, KVCache, Layout, attend
+
+
+def _pair(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def rotary_split(head_dim: int) -> tuple[int, int, int]:
+    """Channels of each head given to (time, height, width); each even, time gets the remainder."""
+    space = 2 * (head_dim // 6)
+    if head_dim % 2 or space < 2:
+        raise ValueError(f"attention_head_dim must be even and at least 6 for 3-D rotary; got {head_dim}")
+    return head_dim - 2 * space, space, space
+
+
+@functools.lru_cache(maxsize=256)
+def rotary_tables(
+    frames: int, height: int, width: int, offset: int, head_dim: int, theta: float, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [frames * height * width, head_dim] for frames at positions offset.. (built in float64,
+    so positions far past the horizon stay exact to float32 rounding)."""
+    dims = rotary_split(head_dim)
+    grid = torch.meshgrid(
+        torch.arange(offset, offset + frames, dtype=torch.float64, device=device),
+        torch.arange(height, dtype=torch.float64, device=device),
+        torch.arange(width, dtype=torch.float64, device=device),
+        indexing="ij",
+    )
+    tables = [
+        get_1d_rotary_pos_embed(dim, axis.flatten(), theta, use_real=True, freqs_dtype=torch.float64)
+        for dim, axis in zip(dims, grid, strict=True)
+    ]
+    cos = torch.cat([c for c, _ in tables], dim=-1)  # [T * h * w, head_dim]
+    sin = torch.cat([s for _, s in tables], dim=-1)
+    return cos, sin
+
+
+def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [B, T, N, D]; shift, scale [B, T, D]: one modulation per frame, shared by its tokens."""
+    return x * (1 + scale[:, :, None]) + shift[:, :, None]
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm attention + MLP, both modulated and gated per frame (adaLN-Zero), QK-norm, rotary."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, mlp_ratio: float) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.qkv = nn.Linear(dim, 3 * heads * head_dim)
+        self.q_norm = nn.RMSNorm(head_dim, eps=1e-6)
+        self.k_norm = nn.RMSNorm(head_dim, eps=1e-6)
+        self.proj = nn.Linear(heads * head_dim, dim)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.mlp = FeedForward(dim, mult=mlp_ratio, activation_fn="gelu-approximate")
+        self.modulation = nn.Linear(dim, 6 * dim)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [B, T, N, D]
+        cond: torch.Tensor,  # [B, T, D], already through SiLU
+        rope: tuple[torch.Tensor, torch.Tensor],  # [T * N, head_dim] each
+        layout: Layout,
+        backend: Backend,
+        cache: KVCache | None,
+        layer: int,
+        update_cache: bool,
+    ) -> torch.Tensor:
+        frames, tokens = x.shape[1], x.shape[2]
+        shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(cond).chunk(6, dim=-1)  # [B, T, D]
+
+        h = _modulate(self.norm1(x), shift1, scale1)
+        q, k, v = rearrange(self.qkv(h), "b t n (three h d) -> three b h (t n) d", three=3, h=self.heads)
+        q = apply_rotary_emb(self.q_norm(q.float()), rope).to(v.dtype)  # norms in fp32 under autocast
+        k = apply_rotary_emb(self.k_norm(k.float()), rope).to(v.dtype)
+        keys, values = k, v
+        if cache is not None:
+            past = cache.get(layer)
+            if past is not None:
+                keys, values = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+            if update_cache:
+                cache.append(layer, k, v)
+        h = attend(q, keys, values, layout, backend)  # [B, H, T * N, d]
+        h = rearrange(h, "b h (t n) d -> b t n (h d)", t=frames, n=tokens)
+        x = x + gate1[:, :, None] * self.proj(h)
+
+        h = _modulate(self.norm2(x), shift2, scale2)
+        return x + gate2[:, :, None] * self.mlp(h)
+
+
+class CausalVideoTransformer(ModelMixin, ConfigMixin):
+    """Denoiser for clips whose frames carry independent noise levels.
+
+    forward(sample [B, T, C, H, W], timesteps [B, T]) -> [B, T, C_out, H, W], T up to `num_frames`.
+    Optional: `labels` [B] (the value `num_classes` means "no label", for classifier-free guidance),
+    `actions` [B, T, action_dim], `context` (the teacher-forcing layout, see `dforce.attention`), and
+    `cache` / `update_cache` for rollout. `attention_backend` ("auto", "sdpa", "flex") is a runtime
+    setting, not part of the saved config.
+    """
+
+    _supports_gradient_checkpointing = True
+
+    @register_to_config
+    def __init__(
+        self,
+        in_channels: int = 3,
+        out_channels: int | None = None,
+        sample_size: int | tuple[int, int] = 32,
+        patch_size: int = 2,
+        num_frames: int = 16,
+        num_layers: int = 4,
+        num_attention_heads: int = 4,
+        attention_head_dim: int = 32,
+        frames_per_block: int = 1,
+        num_classes: int | None = None,
+        action_dim: int | None = None,
+        mlp_ratio: float = 4.0,
+        rope_theta: float = 10000.0,
+        timestep_channels: int = 256,
+    ) -> None:
+        super().__init__()
+        height, width = _pair(sample_size)
+        if height % patch_size or width % patch_size:
+            raise ValueError(f"sample_size {height}x{width} is not divisible by patch_size {patch_size}")
+        if num_frames % frames_per_block:
+            raise ValueError(
+                f"num_frames {num_frames} is not a multiple of frames_per_block {frames_per_block}"
+            )
+        rotary_split(attention_head_dim)
+        dim = num_attention_heads * attention_head_dim
+        self.out_channels = out_channels or in_channels
+        self.grid = (height // patch_size, width // patch_size)
+        self.attention_backend: Backend = "auto"
+        self.gradient_checkpointing = False
+
+        self.patch_embed = nn.Linear(in_channels * patch_size**2, dim)
+        self.time_proj = Timesteps(timestep_channels, flip_sin_to_cos=True, downscale_freq_shift=0)
+        self.time_embed = TimestepEmbedding(timestep_channels, dim)
+        self.label_embed = nn.Embedding(num_classes + 1, dim) if num_classes else None
+        self.action_embed = nn.Linear(action_dim, dim) if action_dim else None
+        self.blocks = nn.ModuleList(
+            TransformerBlock(dim, num_attention_heads, attention_head_dim, mlp_ratio)
+            for _ in range(num_layers)
+        )
+        self.norm_out = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.modulation_out = nn.Linear(dim, 2 * dim)
+        self.proj_out = nn.Linear(dim, self.out_channels * patch_size**2)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        """DiT initialisation: Xavier linears; modulations and the output projection start at zero, so
+        every block starts as the identity and the model as the zero function."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        for linear in self.time_embed.linear_1, self.time_embed.linear_2:
+            nn.init.normal_(linear.weight, std=0.02)
+        if self.label_embed is not None:
+            nn.init.normal_(self.label_embed.weight, std=0.02)
+        for block in self.blocks:
+            nn.init.zeros_(block.modulation.weight)
+        for linear in self.modulation_out, self.proj_out:
+            nn.init.zeros_(linear.weight)
+
+    def new_cache(self, max_frames: int | None = None) -> KVCache:
+        """A KV cache whose window, with one block being denoised, stays within the training horizon."""
+        block = self.config.frames_per_block
+        return KVCache(self.config.num_frames - block if max_frames is None else max_frames, block)
+
+    def _condition(
+        self, timesteps: torch.Tensor, labels: torch.Tensor | None, actions: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Per-frame conditioning [B, T, D] from timesteps [B, T], labels [B], actions [B, T, A]."""
+        batch, frames = timesteps.shape
+        t_emb = self.time_proj(timesteps.flatten()).to(self.patch_embed.weight.dtype)
+        cond = self.time_embed(t_emb).view(batch, frames, -1)
+        if labels is not None and self.label_embed is None:
+            raise ValueError("labels given to a model built without num_classes")
+        if self.label_embed is not None:
+            if labels is None:
+                labels = torch.full((batch,), self.config.num_classes, device=timesteps.device)
+            cond = cond + self.label_embed(labels)[:, None]
+        if actions is not None:
+            if self.action_embed is None:
+                raise ValueError("actions given to a model built without action_dim")
+            if actions.shape[:2] != (batch, frames):
+                raise ValueError(f"actions {tuple(actions.shape)} do not match timesteps {(batch, frames)}")
+            cond = cond + self.action_embed(actions.to(cond.dtype))
+        return F.silu(cond)
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timesteps: torch.Tensor,
+        *,
+        labels: torch.Tensor | None = None,
+        actions: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
+        context_timesteps: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        update_cache: bool = False,
+        frame_offset: int = 0,
+    ) -> torch.Tensor:
+        """sample [B, T, C, H, W], timesteps [B, T] -> [B, T, C_out, H, W].
+
+        context [B, T, C, H, W]: the teacher-forcing layout; frame t of `sample` sees context frames of
+        earlier blocks (at `context_timesteps`, default 0) and its own block of `sample`.
+        cache: attend to its frames too and place `sample` right after them; with `update_cache`,
+        append these frames' keys and values (whole blocks). frame_offset: position of the first frame
+        when there is no cache, so a recomputed window matches a rolling cache.
+        """
+        config = self.config
+        batch, frames, channels, height, width = sample.shape
+        expected = (config.in_channels, *(g * config.patch_size for g in self.grid))
+        if (channels, height, width) != expected:
+            raise ValueError(
+                f"sample {tuple(sample.shape)} does not match the model: (C, H, W) must be {expected}"
+            )
+        if timesteps.shape != (batch, frames):
+            raise ValueError(f"timesteps {tuple(timesteps.shape)} must be [B, T] = {(batch, frames)}")
+        cached = 0 if cache is None else cache.frames
+        if cached + frames > config.num_frames:
+            raise ValueError(
+                f"{cached} cached + {frames} new frames exceed the training horizon "
+                f"num_frames={config.num_frames}"
+            )
+        if cache is not None:
+            if frame_offset:
+                raise ValueError("frame_offset is taken from the cache; pass one or the other")
+            frame_offset = cache.end
+        elif update_cache:
+            raise ValueError("update_cache=True needs a cache")
+
+        if actions is not None and context is not None:
+            actions = torch.cat([actions, actions], dim=1)
+        if context is not None:
+            if context.shape != sample.shape or cache is not None:
+                raise ValueError("context must have the shape of sample and cannot be combined with a cache")
+            if context_timesteps is None:
+                context_timesteps = torch.zeros_like(timesteps)
+            sample = torch.cat([context, sample], dim=1)  # [B, 2T, C, H, W]
+            timesteps = torch.cat([context_timesteps, timesteps], dim=1)
+
+        p = config.patch_size
+        x = rearrange(sample, "b t c (h p) (w q) -> b t (h w) (c p q)", p=p, q=p)
+        x = self.patch_embed(x.to(self.patch_embed.weight.dtype))  # [B, T', N, D]
+        cond = self._condition(timesteps, labels, actions)  # [B, T', D]
+        cos, sin = rotary_tables(
+            frames, *self.grid, frame_offset, config.attention_head_dim, config.rope_theta, x.device
+        )
+        if context is not None:
+            cos, sin = torch.cat([cos, cos]), torch.cat([sin, sin])
+        layout = Layout(
+            frames, x.shape[2], config.frames_per_block, cached=cached, teacher=context is not None
+        )
+
+        for layer, block in enumerate(self.blocks):
+            args = (x, cond, (cos, sin), layout, self.attention_backend, cache, layer, update_cache)
+            if torch.is_grad_enabled() and self.gradient_checkpointing:
+                x = self._gradient_checkpointing_func(block, *args)
+            else:
+                x = block(*args)
+        if update_cache:
+            cache.advance(frames, x.shape[2])
+
+        shift, scale = self.modulation_out(cond).chunk(2, dim=-1)
+        x = self.proj_out(_modulate(self.norm_out(x), shift, scale))  # [B, T', N, C_out * p * p]
+        x = x[:, -frames:]
+        return rearrange(x, "b t (h w) (c p q) -> b t c (h p) (w q)", h=self.grid[0], p=p, q=p)

@@ -1,0 +1,249 @@
+import pytest
+import torch
+
+from dforce.model import CausalVideoTransformer
+
+HORIZON = 6
+
+
+def tiny(frames_per_block: int = 1, **options) -> CausalVideoTransformer:
+    """A tiny model with every weight random: at its zero initialisation the output ignores the input."""
+    config = dict(
+        in_channels=3,
+        sample_size=(8, 4),
+        patch_size=2,
+        num_frames=HORIZON,
+        num_layers=2,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        frames_per_block=frames_per_block,
+    )
+    model = CausalVideoTransformer(**(config | options))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.2)
+    return model.eval()
+
+
+def inputs(batch: int = 2, frames: int = HORIZON, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    sample = torch.randn(batch, frames, 3, 8, 4, generator=generator)  # [B, T, C, H, W]
+    timesteps = torch.randint(0, 1000, (batch, frames), generator=generator)  # [B, T]
+    return sample, timesteps
+
+
+def test_shapes_and_zero_initialisation():
+    model = CausalVideoTransformer(
+        in_channels=3, out_channels=5, sample_size=(8, 4), patch_size=2, num_frames=HORIZON,
+        num_layers=1, num_attention_heads=2, attention_head_dim=8,
+    )  # fmt: skip
+    sample, timesteps = inputs(frames=4)
+    out = model(sample, timesteps)
+    assert out.shape == (2, 4, 5, 8, 4)
+    assert torch.count_nonzero(out) == 0  # adaLN-Zero: the model starts as the zero function
+
+
+@pytest.mark.parametrize("frames_per_block", [1, 2])
+def test_causality_is_exact(frames_per_block):
+    """Changing every frame after block b, values and levels, leaves blocks <= b bitwise unchanged."""
+    model = tiny(frames_per_block)
+    sample, timesteps = inputs()
+    with torch.no_grad():
+        reference = model(sample, timesteps)
+        for first_changed in range(frames_per_block, HORIZON, frames_per_block):
+            other, other_t = inputs(seed=first_changed + 10)
+            changed = torch.cat([sample[:, :first_changed], other[:, first_changed:]], dim=1)
+            changed_t = torch.cat([timesteps[:, :first_changed], other_t[:, first_changed:]], dim=1)
+            out = model(changed, changed_t)
+            assert torch.equal(out[:, :first_changed], reference[:, :first_changed])
+            assert not torch.allclose(out[:, first_changed:], reference[:, first_changed:])
+
+
+def test_frames_within_a_block_see_each_other():
+    model = tiny(frames_per_block=2)
+    sample, timesteps = inputs()
+    with torch.no_grad():
+        reference = model(sample, timesteps)
+        sample[:, 1] += 1.0
+        assert not torch.allclose(model(sample, timesteps)[:, 0], reference[:, 0])
+
+
+@pytest.mark.parametrize("frames_per_block", [1, 2])
+def test_cache_equals_full_forward(frames_per_block):
+    model = tiny(frames_per_block)
+    sample, timesteps = inputs()
+    cache = model.new_cache()
+    with torch.no_grad():
+        full = model(sample, timesteps)
+        cached = []
+        for start in range(0, HORIZON, frames_per_block):
+            block = slice(start, start + frames_per_block)
+            # Denoise a block against the cache without writing it, then write it at its final level.
+            model(sample[:, block] * 2, timesteps[:, block] // 2, cache=cache)
+            cached.append(model(sample[:, block], timesteps[:, block], cache=cache, update_cache=True))
+    torch.testing.assert_close(torch.cat(cached, dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("frames_per_block", [1, 2])
+def test_rolling_cache_past_the_horizon(frames_per_block):
+    """Past the horizon the cache drops its oldest blocks and keeps absolute positions. With one layer a
+    frame's keys depend on that frame alone, so the rollout must equal recomputing the window at the
+    same positions (`frame_offset`); deeper models keep each frame's keys as computed from its own window."""
+    model = tiny(frames_per_block, num_layers=1)
+    sample, timesteps = inputs(frames=3 * HORIZON)
+    cache = model.new_cache()
+    window = HORIZON - frames_per_block
+    with torch.no_grad():
+        for start in range(0, 3 * HORIZON, frames_per_block):
+            block = slice(start, start + frames_per_block)
+            out = model(sample[:, block], timesteps[:, block], cache=cache, update_cache=True)
+            first = max(0, start - window)
+            recomputed = model(
+                sample[:, first : block.stop], timesteps[:, first : block.stop], frame_offset=first
+            )
+            torch.testing.assert_close(out, recomputed[:, -frames_per_block:], atol=1e-5, rtol=1e-5)
+    assert cache.frames == window and cache.start == 3 * HORIZON - window
+
+
+def test_attention_depends_on_relative_time():
+    model = tiny()
+    sample, timesteps = inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model(sample, timesteps, frame_offset=1000), model(sample, timesteps), atol=1e-4, rtol=1e-4
+        )
+
+
+@pytest.mark.parametrize("frames_per_block", [1, 2])
+def test_teacher_forcing_layout(frames_per_block):
+    """Noisy block b in the layout == a block-causal forward on clean blocks < b then noisy block b."""
+    model = tiny(frames_per_block)
+    clean, _ = inputs(seed=2)
+    noisy, timesteps = inputs(seed=3)
+    with torch.no_grad():
+        layout = model(noisy, timesteps, context=clean)
+        for start in range(0, HORIZON, frames_per_block):
+            stop = start + frames_per_block
+            sample = torch.cat([clean[:, :start], noisy[:, start:stop]], dim=1)
+            levels = torch.cat([torch.zeros_like(timesteps[:, :start]), timesteps[:, start:stop]], dim=1)
+            alone = model(sample, levels)[:, start:]
+            torch.testing.assert_close(layout[:, start:stop], alone, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("frames_per_block", [1, 2])
+def test_backends_agree(frames_per_block):
+    model = tiny(frames_per_block)
+    sample, timesteps = inputs()
+    context, _ = inputs(seed=4)
+    outputs = {}
+    with torch.no_grad():
+        for backend in "sdpa", "flex":
+            model.attention_backend = backend
+            cache = model.new_cache()
+            first = model(
+                sample[:, :frames_per_block], timesteps[:, :frames_per_block], cache=cache, update_cache=True
+            )
+            second = model(sample[:, frames_per_block:], timesteps[:, frames_per_block:], cache=cache)
+            outputs[backend] = (
+                model(sample, timesteps),
+                model(sample, timesteps, context=context),
+                first,
+                second,
+            )
+    for flex, sdpa in zip(outputs["flex"], outputs["sdpa"], strict=True):
+        torch.testing.assert_close(flex, sdpa, atol=1e-5, rtol=1e-5)
+
+
+def test_save_and_load_round_trip(tmp_path):
+    model = tiny(num_classes=3, action_dim=2)
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "diffusion_pytorch_model.safetensors").exists()
+    loaded = CausalVideoTransformer.from_pretrained(tmp_path).eval()
+    sample, timesteps = inputs()
+    labels, actions = torch.tensor([0, 2]), torch.randn(2, HORIZON, 2)
+    with torch.no_grad():
+        assert torch.equal(
+            loaded(sample, timesteps, labels=labels, actions=actions),
+            model(sample, timesteps, labels=labels, actions=actions),
+        )
+
+
+def test_every_parameter_gets_a_gradient():
+    model = tiny(num_classes=3, action_dim=2).train()
+    sample, timesteps = inputs()
+    out = model(sample, timesteps, labels=torch.tensor([0, 1]), actions=torch.randn(2, HORIZON, 2))
+    out.square().mean().backward()
+    for name, parameter in model.named_parameters():
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    model = tiny().train()
+    sample, timesteps = inputs()
+    grads = []
+    for checkpointing in False, True:
+        if checkpointing:
+            model.enable_gradient_checkpointing()
+        model.zero_grad()
+        model(sample, timesteps).square().mean().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for plain, checkpointed in zip(*grads, strict=True):
+        torch.testing.assert_close(plain, checkpointed)
+
+
+def test_conditioning_changes_outputs():
+    model = tiny(num_classes=3, action_dim=2)
+    sample, timesteps = inputs()
+    actions = torch.randn(2, HORIZON, 2)
+    with torch.no_grad():
+        base = model(sample, timesteps, labels=torch.tensor([0, 0]), actions=actions)
+        other_label = model(sample, timesteps, labels=torch.tensor([1, 0]), actions=actions)
+        assert not torch.allclose(other_label[0], base[0]) and torch.equal(other_label[1], base[1])
+        no_label = model(sample, timesteps, actions=actions)  # the null label, for guidance
+        assert not torch.allclose(no_label, base)
+        actions[:, 3] += 1
+        other_action = model(sample, timesteps, labels=torch.tensor([0, 0]), actions=actions)
+        assert torch.equal(other_action[:, :3], base[:, :3]) and not torch.allclose(
+            other_action[:, 3], base[:, 3]
+        )
+        timesteps[:, 2] += 100
+        other_level = model(sample, timesteps, labels=torch.tensor([0, 0]), actions=actions)
+        assert not torch.allclose(other_level[:, 2], other_action[:, 2])
+
+
+def test_bf16_autocast():
+    model = tiny()
+    sample, timesteps = inputs()
+    with torch.no_grad():
+        reference = model(sample, timesteps)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(sample, timesteps)
+    assert torch.isfinite(out).all()
+    assert (out.float() - reference).abs().mean() < 0.05 * reference.abs().mean()
+
+
+def test_sizes_up_to_a_billion_parameters():
+    with torch.device("meta"):
+        model = CausalVideoTransformer(
+            in_channels=16, sample_size=64, patch_size=2, num_frames=16,
+            num_layers=24, num_attention_heads=24, attention_head_dim=64,
+        )  # fmt: skip
+    assert 0.9e9 < sum(p.numel() for p in model.parameters()) < 1.2e9
+
+
+def test_bad_inputs_name_the_problem():
+    model = tiny()
+    sample, timesteps = inputs()
+    with pytest.raises(ValueError, match="does not match the model"):
+        model(sample[..., :2], timesteps)
+    with pytest.raises(ValueError, match="timesteps"):
+        model(sample, timesteps[:, :3])
+    with pytest.raises(ValueError, match="training horizon num_frames=6"):
+        model(torch.cat([sample, sample], 1), torch.cat([timesteps, timesteps], 1))
+    with pytest.raises(ValueError, match="without num_classes"):
+        model(sample, timesteps, labels=torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="needs a cache"):
+        model(sample, timesteps, update_cache=True)
+    with pytest.raises(ValueError, match="not divisible by patch_size"):
+        CausalVideoTransformer(sample_size=7, patch_size=2)
