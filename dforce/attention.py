@@ -56,6 +56,11 @@ class Layout:
             raise ValueError("the teacher-forcing layout does not read a KV cache")
 
     @property
+    def dense(self) -> bool:
+        """Every query sees every key: one block of queries after whole cached blocks (a rollout step)."""
+        return not self.teacher and self.frames <= self.frames_per_block
+
+    @property
     def query_tokens(self) -> int:
         return self.frames * self.tokens_per_frame * (2 if self.teacher else 1)
 
@@ -121,6 +126,8 @@ def resolve_backend(backend: Backend, device: torch.device, needs_grad: bool) ->
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout, backend: Backend = "auto"):
     """Masked attention. q [B, H, Lq, D], k and v [B, H, Lk, D] -> [B, H, Lq, D]."""
     backend = resolve_backend(backend, q.device, torch.is_grad_enabled() and q.requires_grad)
+    if layout.dense:  # no mask: SDPA can use its fastest kernel, and flex would only recompile per shape
+        return F.scaled_dot_product_attention(q, k, v)
     if backend == "sdpa":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask(layout, q.device))
     block_mask = flex_block_mask(layout, q.device)

@@ -49,6 +49,11 @@ def test_block_causal_mask_structure():
     assert torch.equal(mask, expected)
 
 
+@pytest.mark.parametrize("layout", LAYOUTS, ids=str)
+def test_dense_layouts_have_no_masked_pair(layout):
+    assert layout.dense == bool(sdpa_mask(layout, CPU).all())
+
+
 def test_masks_are_built_once_per_layout():
     layout = Layout(frames=3, tokens_per_frame=4, frames_per_block=1)
     assert sdpa_mask(layout, CPU) is sdpa_mask(Layout(3, 4, 1), CPU)
