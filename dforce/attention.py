@@ -123,19 +123,30 @@ def resolve_backend(backend: Backend, device: torch.device, needs_grad: bool) ->
     return backend
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Layout, backend: Backend = "auto"):
-    """Masked attention. q [B, H, Lq, D], k and v [B, H, Lk, D] -> [B, H, Lq, D]."""
-    backend = resolve_backend(backend, q.device, torch.is_grad_enabled() and q.requires_grad)
+def attention_mask(
+    layout: Layout, device: torch.device, backend: Backend = "auto", needs_grad: bool = False
+) -> torch.Tensor | BlockMask | None:
+    """The mask `attend` takes: a boolean tensor for SDPA, a `BlockMask` for flex, None if dense.
+
+    Built outside the layers (once per forward, cached per layout) so a compiled layer sees a plain input.
+    """
+    backend = resolve_backend(backend, device, needs_grad)
     if layout.dense:  # no mask: SDPA can use its fastest kernel, and flex would only recompile per shape
-        return F.scaled_dot_product_attention(q, k, v)
-    if backend == "sdpa":
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=sdpa_mask(layout, q.device))
-    block_mask = flex_block_mask(layout, q.device)
+        return None
+    return sdpa_mask(layout, device) if backend == "sdpa" else flex_block_mask(layout, device)
+
+
+def attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | BlockMask | None
+) -> torch.Tensor:
+    """Masked attention. q [B, H, Lq, D], k and v [B, H, Lk, D] -> [B, H, Lq, D]."""
+    if not isinstance(mask, BlockMask):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     if q.device.type == "cuda":
-        return _compiled_flex()(q, k, v, block_mask=block_mask)
+        return _compiled_flex()(q, k, v, block_mask=mask)
     with warnings.catch_warnings():  # uncompiled flex on CPU is a slow reference path; it warns each call
         warnings.simplefilter("ignore", UserWarning)
-        return flex_attention(q, k, v, block_mask=block_mask)
+        return flex_attention(q, k, v, block_mask=mask)
 
 
 class KVCache:

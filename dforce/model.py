@@ -25,8 +25,9 @@ from diffusers.models.embeddings import (
 from diffusers.models.modeling_utils import ModelMixin
 from einops import rearrange
 from torch import nn
+from torch.nn.attention.flex_attention import BlockMask
 
-from dforce.attention import Backend, KVCache, Layout, attend
+from dforce.attention import Backend, KVCache, Layout, attend, attention_mask
 
 
 def _pair(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
@@ -87,13 +88,11 @@ class TransformerBlock(nn.Module):
         self,
         x: torch.Tensor,  # [B, T, N, D]
         cond: torch.Tensor,  # [B, T, D], already through SiLU
-        rope: tuple[torch.Tensor, torch.Tensor],  # [T * N, head_dim] each
-        layout: Layout,
-        backend: Backend,
-        cache: KVCache | None,
-        layer: int,
-        update_cache: bool,
-    ) -> torch.Tensor:
+        rope: tuple[torch.Tensor, torch.Tensor],  # cos, sin [T * N, head_dim]
+        mask: torch.Tensor | BlockMask | None,
+        past: tuple[torch.Tensor, torch.Tensor] | None = None,  # cached keys, values [B, H, L, d]
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """-> the new x, and this call's keys and values for the cache. Pure: no state is kept."""
         frames, tokens = x.shape[1], x.shape[2]
         shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(cond).chunk(6, dim=-1)  # [B, T, D]
 
@@ -101,19 +100,15 @@ class TransformerBlock(nn.Module):
         q, k, v = rearrange(self.qkv(h), "b t n (three h d) -> three b h (t n) d", three=3, h=self.heads)
         q = apply_rotary_emb(self.q_norm(q.float()), rope).to(v.dtype)  # norms in fp32 under autocast
         k = apply_rotary_emb(self.k_norm(k.float()), rope).to(v.dtype)
-        keys, values = k, v
-        if cache is not None:
-            past = cache.get(layer)
-            if past is not None:
-                keys, values = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
-            if update_cache:
-                cache.append(layer, k, v)
-        h = attend(q, keys, values, layout, backend)  # [B, H, T * N, d]
+        keys, values = (
+            (k, v) if past is None else (torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2))
+        )
+        h = attend(q, keys, values, mask)  # [B, H, T * N, d]
         h = rearrange(h, "b h (t n) d -> b t n (h d)", t=frames, n=tokens)
         x = x + gate1[:, :, None] * self.proj(h)
 
         h = _modulate(self.norm2(x), shift2, scale2)
-        return x + gate2[:, :, None] * self.mlp(h)
+        return x + gate2[:, :, None] * self.mlp(h), (k, v)
 
 
 class CausalVideoTransformer(ModelMixin, ConfigMixin):
@@ -127,6 +122,7 @@ class CausalVideoTransformer(ModelMixin, ConfigMixin):
     """
 
     _supports_gradient_checkpointing = True
+    _repeated_blocks = ("TransformerBlock",)  # regional compilation: `model.compile_repeated_blocks()`
 
     @register_to_config
     def __init__(
@@ -282,13 +278,17 @@ class CausalVideoTransformer(ModelMixin, ConfigMixin):
         layout = Layout(
             frames, x.shape[2], config.frames_per_block, cached=cached, teacher=context is not None
         )
+        needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
+        mask = attention_mask(layout, x.device, self.attention_backend, needs_grad)
 
         for layer, block in enumerate(self.blocks):
-            args = (x, cond, (cos, sin), layout, self.attention_backend, cache, layer, update_cache)
+            args = (x, cond, (cos, sin), mask, None if cache is None else cache.get(layer))
             if torch.is_grad_enabled() and self.gradient_checkpointing:
-                x = self._gradient_checkpointing_func(block, *args)
+                x, (k, v) = self._gradient_checkpointing_func(block, *args)
             else:
-                x = block(*args)
+                x, (k, v) = block(*args)
+            if update_cache:
+                cache.append(layer, k, v)
         if update_cache:
             cache.advance(frames, x.shape[2])
 

@@ -3,7 +3,15 @@ import itertools
 import pytest
 import torch
 
-from dforce.attention import KVCache, Layout, attend, flex_block_mask, resolve_backend, sdpa_mask
+from dforce.attention import (
+    KVCache,
+    Layout,
+    attend,
+    attention_mask,
+    flex_block_mask,
+    resolve_backend,
+    sdpa_mask,
+)
 
 CPU = torch.device("cpu")
 
@@ -64,8 +72,8 @@ def test_flex_and_sdpa_agree(layout):
     generator = torch.Generator().manual_seed(0)
     q = torch.randn(2, 3, layout.query_tokens, 8, generator=generator)
     k, v = torch.randn(2, 2, 3, layout.key_tokens, 8, generator=generator)
-    sdpa = attend(q, k, v, layout, "sdpa")
-    flex = attend(q, k, v, layout, "flex")
+    sdpa = attend(q, k, v, attention_mask(layout, CPU, "sdpa"))
+    flex = attend(q, k, v, attention_mask(layout, CPU, "flex"))
     torch.testing.assert_close(flex, sdpa, atol=1e-5, rtol=1e-5)
 
 
@@ -75,7 +83,10 @@ def test_flex_skips_masked_tiles():
     tiles = flex_block_mask(layout, CPU).to_dense()[0, 0]  # [4, 4]
     assert torch.equal(tiles.bool(), torch.ones(4, 4, dtype=torch.bool).tril())
     q, k, v = torch.randn(3, 1, 2, layout.query_tokens, 16, generator=torch.Generator().manual_seed(1))
-    torch.testing.assert_close(attend(q, k, v, layout, "flex"), attend(q, k, v, layout, "sdpa"))
+    torch.testing.assert_close(
+        attend(q, k, v, attention_mask(layout, CPU, "flex")),
+        attend(q, k, v, attention_mask(layout, CPU, "sdpa")),
+    )
 
 
 def test_backend_selection():

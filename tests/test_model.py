@@ -247,3 +247,13 @@ def test_bad_inputs_name_the_problem():
         model(sample, timesteps, update_cache=True)
     with pytest.raises(ValueError, match="not divisible by patch_size"):
         CausalVideoTransformer(sample_size=7, patch_size=2)
+
+
+def test_regional_compilation_matches_eager():
+    """The layers compile without graph breaks (masks and rotary tables are built outside them)."""
+    model = tiny()
+    sample, timesteps = inputs()
+    with torch.no_grad():
+        eager = model(sample, timesteps)
+        model.compile_repeated_blocks(fullgraph=True)
+        torch.testing.assert_close(model(sample, timesteps), eager, atol=1e-5, rtol=1e-5)
