@@ -1,0 +1,80 @@
+"""Small videos and shards made on the spot for the data tests; nothing is downloaded."""
+
+from __future__ import annotations
+
+import json
+from fractions import Fraction
+from pathlib import Path
+from types import SimpleNamespace
+
+import av
+import numpy as np
+import pytest
+
+from dforce.shards import ShardSink, encode_video
+
+CONTAINERS = {".mp4": ("mp4", "libx264"), ".mkv": ("matroska", "libx264"), ".webm": ("webm", "libvpx-vp9")}
+
+
+def pattern(frames: int, height: int, width: int, seed: int = 0) -> np.ndarray:
+    """uint8 `[T, H, W, 3]`: a drifting colour gradient with a bright square moving across (codes well)."""
+    t = np.arange(frames)[:, None, None]
+    y, x = np.mgrid[:height, :width][:, None] / max(height, width)  # [1, H, W] each
+    video = np.stack(
+        [40 + 150 * x + 3 * t + seed * 10, 40 + 150 * y + 0 * t, 200 - 120 * x * y - 2 * t + 0 * y], axis=-1
+    )  # [T, H, W, 3]
+    for i in range(frames):
+        top, left = (i + seed) % (height - 4), (2 * i + seed) % (width - 4)
+        video[i, top : top + 4, left : left + 4] = 250
+    return np.clip(video, 0, 255).astype(np.uint8)
+
+
+def write_video(path: Path, video: np.ndarray, fps: float = 8) -> None:
+    """Encode `video` into the container its suffix names (mp4/mkv: H.264 4:4:4, webm: VP9)."""
+    if path.suffix == ".mp4":
+        path.write_bytes(encode_video(video, fps, crf=4))
+        return
+    container_format, codec = CONTAINERS[path.suffix]
+    with av.open(str(path), mode="w", format=container_format) as container:
+        stream = container.add_stream(codec, rate=Fraction(fps))
+        stream.height, stream.width = video.shape[1:3]
+        stream.pix_fmt = "yuv444p" if codec == "libx264" else "yuv420p"
+        stream.options = {"crf": "4"} if codec == "libx264" else {}
+        for frame in video:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
+
+
+@pytest.fixture(scope="session")
+def videos(tmp_path_factory) -> SimpleNamespace:
+    """A folder of 5 good videos (12 frames, three containers, one in a subfolder, one 16x24), a sidecar,
+    and three bad files: random bytes, an empty file and a 2-frame video."""
+    root = tmp_path_factory.mktemp("videos")
+    (root / "sub").mkdir()
+    sources = {}
+    for i, (name, height, width) in enumerate(
+        [("a.mp4", 16, 16), ("b.mp4", 16, 16), ("c.mkv", 16, 16), ("sub/d.webm", 16, 16), ("e.mp4", 16, 24)]
+    ):
+        sources[root / name] = pattern(12, height, width, seed=i)
+        write_video(root / name, sources[root / name])
+    (root / "a.json").write_text(json.dumps({"label": 2, "actions": [[i, -i] for i in range(12)]}))
+    (root / "broken.mp4").write_bytes(np.random.default_rng(0).bytes(3000))
+    (root / "empty.mp4").write_bytes(b"")
+    write_video(root / "short.mp4", pattern(2, 16, 16))
+    return SimpleNamespace(root=root, sources=sources, good=sorted(sources), bad=["broken", "empty", "short"])
+
+
+def write_index_shards(out: Path, shards: int, per_shard: int, frames: int = 8, size: int = 8) -> list[str]:
+    """Shards of tiny videos whose json `actions` hold each frame's index and `label` the sample's number."""
+    video = encode_video(pattern(frames, size, size), fps=8, crf=30)
+    with ShardSink(out, maxcount=per_shard) as sink:
+        for n in range(shards * per_shard):
+            actions = [[i] for i in range(frames)]
+            sink.write({"__key__": f"s{n:05d}", "mp4": video, "json": {"label": n, "actions": actions}})
+    return sink.shards
+
+
+@pytest.fixture(scope="session")
+def index_shards(tmp_path_factory) -> list[str]:
+    """8 shards x 3 samples of 8x8 videos, 8 frames each."""
+    return write_index_shards(tmp_path_factory.mktemp("index_shards"), shards=8, per_shard=3)
