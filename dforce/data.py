@@ -306,7 +306,9 @@ def decode_sample(sample: dict, config: DataConfig, rng: np.random.Generator) ->
             except ValueError as error:
                 raise SkipSample(f"{name} is not a numeric array: {error}") from error
             if rows.ndim == 0 or len(rows) <= indices[-1]:
-                raise SkipSample(f"{name} has {rows.shape[:1]} rows, the clip needs frame {indices[-1]}")
+                raise SkipSample(
+                    f"{name} has {len(rows) if rows.ndim else 0} rows, the clip needs frame {indices[-1]}"
+                )
             out[name] = torch.from_numpy(rows[indices])  # [T, ...]
     return out
 

@@ -1,0 +1,252 @@
+import io
+import logging
+
+import numpy as np
+import pytest
+import torch
+from conftest import pattern, write_index_shards
+
+from dforce.data import DataConfig, SkipSample, clip_indices, expand_shards, make_loader, resize_crop
+from dforce.shards import ShardSink, encode_video
+
+
+def config(shards, **options) -> DataConfig:
+    defaults = dict(shards=shards, clip_frames=4, batch_size=2, num_workers=0, shuffle_buffer=4, size=None)
+    return DataConfig(**{**defaults, **options})
+
+
+def labels(cfg: DataConfig, **where) -> list[list[int]]:
+    """The sample numbers of each batch."""
+    return [batch["label"].tolist() for batch in make_loader(cfg, **where)]
+
+
+def flat(batches) -> list[int]:
+    return [n for batch in batches for n in batch]
+
+
+def test_batches_hold_clips_and_frame_fields(index_shards):
+    batch = next(iter(make_loader(config(index_shards, batch_size=3))))
+    assert batch["video"].shape == (3, 4, 3, 8, 8) and batch["video"].dtype == torch.float32
+    assert batch["video"].min() >= -1 and batch["video"].max() <= 1
+    assert batch["label"].dtype == torch.long and batch["actions"].shape == (3, 4, 1)
+    assert batch["skipped"] == 0 and not batch["latent"] and len(batch["key"]) == 3
+    start = batch["actions"][:, 0, 0]
+    assert (batch["actions"][..., 0] == start[:, None] + torch.arange(4)).all()  # consecutive frames
+    assert set(start.tolist()) <= set(range(5))  # random starts in 0..8-4
+
+
+def test_two_ranks_by_two_workers_see_disjoint_samples(index_shards):
+    cfg = config(index_shards, num_workers=2)
+    ranks = [labels(cfg, rank=rank, world_size=2) for rank in range(2)]
+    assert [len(batches) for batches in ranks] == [6, 6]  # 24 samples / (2 ranks x batch 2)
+    seen = [flat(batches) for batches in ranks]
+    assert not set(seen[0]) & set(seen[1])
+    assert sorted(seen[0] + seen[1]) == list(range(24))  # each slot reads its 2 shards once
+
+
+@pytest.mark.parametrize("world_size, workers", [(2, 2), (3, 1), (4, 2)])
+def test_uneven_shards_give_every_rank_the_same_number_of_batches(tmp_path, world_size, workers):
+    one = write_index_shards(tmp_path / "one", shards=1, per_shard=13)  # fewer shards than slots
+    three = write_index_shards(tmp_path / "three", shards=3, per_shard=4)
+    for data, total in [(one, 13), (three, 12), ([*three, *one], 25)]:
+        cfg = config(data, num_workers=workers)
+        counts = [len(labels(cfg, rank=rank, world_size=world_size)) for rank in range(world_size)]
+        assert counts == [total // (world_size * 2)] * world_size
+        assert [
+            len(make_loader(cfg, rank=rank, world_size=world_size)) for rank in range(world_size)
+        ] == counts
+
+
+def test_fewer_shards_than_slots_split_by_sample(tmp_path):
+    shards = write_index_shards(tmp_path, shards=1, per_shard=16)
+    cfg = config(shards, num_workers=2)
+    seen = [flat(labels(cfg, rank=rank, world_size=2)) for rank in range(2)]
+    assert sorted(seen[0] + seen[1]) == list(range(16))
+
+
+def test_same_seed_same_order(index_shards):
+    cfg = config(index_shards, num_workers=2, shuffle_buffer=5)
+    first = labels(cfg, rank=1, world_size=2)
+    assert labels(cfg, rank=1, world_size=2) == first
+    assert (
+        labels(config(index_shards, num_workers=2, shuffle_buffer=5, seed=1), rank=1, world_size=2) != first
+    )
+    assert labels(cfg, rank=1, world_size=2, epoch=1) != first
+    assert sorted(flat(labels(cfg, rank=1, world_size=2, epoch=1))) != sorted(flat(first))  # shards move
+    unshuffled = labels(config(index_shards, shuffle=False), world_size=2)
+    assert flat(unshuffled) == [0, 1, 2, 6, 7, 8, 12, 13, 14, 18, 19, 20]  # shards 0, 2, 4, 6 in order
+
+
+def test_clip_content_is_deterministic(index_shards):
+    cfg = config(index_shards, num_workers=2, crop="random", size=6)
+    first, again = (list(make_loader(cfg)) for _ in range(2))
+    for a, b in zip(first, again, strict=True):
+        assert torch.equal(a["video"], b["video"]) and torch.equal(a["actions"], b["actions"])
+
+
+@pytest.mark.parametrize("start", [1, 3, 4])
+def test_resume_continues_the_epoch(index_shards, start):
+    cfg = config(index_shards, num_workers=2, shuffle_buffer=5)
+    full = list(make_loader(cfg, rank=1, world_size=2, epoch=2))
+    resumed = make_loader(cfg, rank=1, world_size=2, epoch=2, start=start)
+    assert len(resumed) == len(full) - start
+    rest = list(resumed)
+    assert [b["label"].tolist() for b in rest] == [b["label"].tolist() for b in full[start:]]
+    for a, b in zip(rest, full[start:], strict=True):
+        assert torch.equal(a["video"], b["video"]) and torch.equal(a["actions"], b["actions"])
+    with pytest.raises(ValueError, match="outside the epoch"):
+        make_loader(cfg, rank=1, world_size=2, start=len(full) + 1)
+
+
+def test_resampled_mode(index_shards, tmp_path):
+    cfg = config(index_shards, num_workers=2, resampled=True)
+    first = [labels(cfg, rank=rank, world_size=2) for rank in range(2)]
+    assert [len(batches) for batches in first] == [6, 6]
+    assert [labels(cfg, rank=rank, world_size=2) for rank in range(2)] == first
+    one = write_index_shards(tmp_path, shards=1, per_shard=8)  # fewer shards than slots: still disjoint
+    seen = [flat(labels(config(one, num_workers=2, resampled=True), rank=r, world_size=2)) for r in range(2)]
+    assert not set(seen[0]) & set(seen[1])
+
+
+@pytest.mark.parametrize(
+    "options, first, step",
+    [
+        ({"frame_stride": 2}, None, 2),
+        ({"clip_start": 3}, 3, 1),
+        ({"fps": 4.0}, None, 2),
+        ({"fps": 16.0}, None, 0.5),
+    ],
+)
+def test_frame_stride_fps_and_start(index_shards, options, first, step):
+    batch = next(
+        iter(make_loader(config(index_shards, clip_frames=3, **options)))
+    )  # videos: 8 frames at 8 fps
+    frames = batch["actions"][..., 0]  # [B, T] frame indices
+    expected = frames[:, :1] + torch.floor(torch.arange(3) * step + 1e-6)
+    assert (frames == expected).all()
+    if first is not None:
+        assert (frames[:, 0] == first).all()
+
+
+def test_clip_indices():
+    rng = np.random.default_rng(0)
+    assert clip_indices(10, 4, 3, None, rng).tolist() == [0, 3, 6, 9]
+    assert clip_indices(10, 3, 1.5, 2, rng).tolist() == [2, 3, 5]
+    for frames, start, reason in [
+        (9, None, "too short: 9 frames"),
+        (10, 1, "too short"),
+        (0, None, "zero frames"),
+    ]:
+        with pytest.raises(SkipSample, match=reason):
+            clip_indices(frames, 4, 3, start, rng)
+
+
+def test_resize_crop():
+    video = torch.arange(2 * 3 * 8 * 12, dtype=torch.float32).view(2, 3, 8, 12)  # [T, C, H, W]
+    assert resize_crop(video, None) is video
+    assert resize_crop(video, 8).shape == (2, 3, 8, 8)
+    assert torch.equal(resize_crop(video, 8), video[..., 2:10])  # centre crop, no scaling
+    assert resize_crop(video, [4, 4]).shape == (2, 3, 4, 4)
+    assert resize_crop(video, [16, 12]).shape == (2, 3, 16, 12)  # scaled up to cover, then cropped
+    crops = {resize_crop(video, 8, "random", np.random.default_rng(s))[0, 0, 0, 0].item() for s in range(20)}
+    assert len(crops) > 1
+    uint8 = torch.randint(0, 255, (2, 3, 16, 24), dtype=torch.uint8)
+    assert resize_crop(uint8, 8).dtype == torch.uint8
+
+
+def bad_shards(tmp_path) -> tuple[list[str], int]:
+    """10 good samples and 5 bad ones: random bytes, a 2-frame video, no video, bad json, short actions."""
+    good = encode_video(pattern(6, 8, 8), fps=8, crf=30)
+    bad = [
+        {"mp4": np.random.default_rng(0).bytes(500)},
+        {"mp4": encode_video(pattern(2, 8, 8), fps=8)},
+        {"txt": "no video"},
+        {"mp4": good, "json": b"{not json"},
+        {"mp4": good, "json": {"actions": [[0]] * 3}},
+    ]
+    samples = [{"mp4": good, "json": {"label": 1}}] * 10 + bad
+    order = np.random.default_rng(1).permutation(len(samples))
+    with ShardSink(tmp_path, maxcount=4) as sink:
+        for i in order:
+            sink.write({"__key__": f"k{i:03d}", **samples[i]})
+    return sink.shards, len(bad)
+
+
+def test_bad_samples_are_skipped_and_counted(tmp_path, caplog):
+    shards, bad = bad_shards(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="dforce.data"):
+        batches = list(make_loader(config(shards, shuffle=False, batch_size=3)))  # one pass over 15 samples
+    assert len(batches) == 5 and sum(batch["skipped"] for batch in batches) == bad
+    assert all(
+        batch["video"].shape == (3, 4, 3, 8, 8) and batch["label"].tolist() == [1] * 3 for batch in batches
+    )
+    reasons = " | ".join(caplog.messages)
+    for reason in ["unreadable", "too short: 2 frames", "no video", "bad json", "actions has 3 rows"]:
+        assert reason in reasons
+    batches = list(make_loader(config(shards, batch_size=3, num_workers=2)))
+    assert len(batches) == 5 and all(batch["video"].shape[0] == 3 for batch in batches)
+
+
+def test_a_batch_of_bad_samples_borrows_the_next_good_one(tmp_path):
+    good = encode_video(pattern(6, 8, 8), fps=8, crf=30)
+    with ShardSink(tmp_path) as sink:
+        for i in range(4):
+            sink.write({"__key__": f"k{i}", "mp4": b"junk" if i < 2 else good, "json": {"label": i}})
+    batches = labels(config(sink.shards, shuffle=False, batch_size=2))
+    assert batches == [[2, 2], [2, 3]]
+
+
+def test_all_bad_samples_is_an_error_naming_the_shards(tmp_path):
+    with ShardSink(tmp_path) as sink:
+        for i in range(4):
+            sink.write({"__key__": f"k{i}", "mp4": b"junk"})
+    with pytest.raises(ValueError, match=r"no decodable sample among 4 in a row in .*/train-000000\.tar"):
+        list(make_loader(config(sink.shards)))
+
+
+def test_empty_and_missing_shards_are_errors(tmp_path):
+    with pytest.raises(ValueError, match=r"no shards match .*nothing-\*\.tar"):
+        expand_shards(str(tmp_path / "nothing-*.tar"))
+    (tmp_path / "a-000000.tar").write_bytes(b"\0" * 1024)  # an empty tar file
+    with pytest.raises(ValueError, match=r"shard not found: .*a-000001\.tar"):
+        expand_shards(str(tmp_path / "a-{000000..000001}.tar"))
+    with pytest.raises(ValueError, match=r"no samples in the shards .*a-000000\.tar"):
+        make_loader(config(str(tmp_path / "a-000000.tar")))
+    with pytest.raises(ValueError, match="make no batch of 2 on each of 4 ranks"):
+        make_loader(config(write_index_shards(tmp_path / "few", shards=1, per_shard=7)), world_size=4)
+
+
+def test_shard_patterns_and_urls(index_shards, tmp_path):
+    folder = index_shards[0].rsplit("/", 1)[0]
+    assert expand_shards(f"{folder}/train-{{000000..000007}}.tar") == index_shards
+    assert expand_shards(f"{folder}/train-*.tar") == index_shards
+    assert expand_shards(f"{index_shards[1]}::{index_shards[0]}") == index_shards[1::-1]
+    with pytest.raises(ValueError, match="set samples_per_epoch"):
+        make_loader(config("https://example.invalid/train-000000.tar"))
+    piped = config([f"pipe:cat {shard}" for shard in index_shards], samples_per_epoch=24, shuffle=False)
+    assert flat(labels(piped)) == list(range(24))
+
+
+def test_latent_samples_are_scaled(tmp_path):
+    latent = np.random.default_rng(0).normal(size=(6, 4, 2, 2)).astype(np.float16)  # [N, C, h, w]
+    buffer = io.BytesIO()
+    np.save(buffer, latent, allow_pickle=False)
+    record = {"latent": {"scaling_factor": 0.5, "shift_factor": 0.1}, "actions": [[i] for i in range(6)]}
+    with ShardSink(tmp_path) as sink:
+        for i in range(2):
+            sink.write({"__key__": f"k{i}", "latent.npy": buffer.getvalue(), "json": record})
+    batch = next(iter(make_loader(config(sink.shards, clip_frames=3, clip_start=2, shuffle=False))))
+    assert batch["latent"] and batch["video"].shape == (2, 3, 4, 2, 2)
+    expected = (torch.from_numpy(latent[2:5]).float() - 0.1) * 0.5
+    assert torch.allclose(batch["video"][0], expected) and batch["actions"][0, :, 0].tolist() == [2, 3, 4]
+
+
+def test_config_is_checked():
+    for options, message in [
+        ({"crop": "left"}, "crop must be"),
+        ({"size": [8]}, "size must be"),
+        ({"clip_frames": 0}, "clip_frames"),
+        ({"fps": 0.0}, "fps must be positive"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            DataConfig(**options)
