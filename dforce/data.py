@@ -147,11 +147,12 @@ def _warn_and_continue(error: Exception) -> bool:
     return True
 
 
-def read_samples(urls: Iterable[str]) -> Iterator[dict]:
-    """Undecoded samples (`{"__key__", "__url__", "mp4": bytes, "json": bytes, ...}`) of the shards in order.
+def read_samples(shards: str | Iterable[str]) -> Iterator[dict]:
+    """Undecoded samples (`{"__key__", "__url__", "mp4": bytes, "json": bytes, ...}`) of shards in order.
 
-    A damaged shard is logged and left at the damage; the stream goes on with the next one.
+    `shards` is a pattern for `expand_shards` or URLs. A damaged shard is logged and left at the damage.
     """
+    urls = expand_shards(shards) if isinstance(shards, str) else shards
     return wds.tariterators.tarfile_samples(({"url": url} for url in urls), handler=_warn_and_continue)
 
 
