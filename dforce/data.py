@@ -13,6 +13,7 @@ import io
 import itertools
 import json
 import logging
+import math
 import os
 import tarfile
 from collections import deque
@@ -46,6 +47,7 @@ class DataConfig:
     clip_start: int | None = None  # first frame of every clip; None draws it uniformly
     size: int | list[int] | None = None  # square side or [height, width]; None keeps the stored size
     crop: str = "center"  # "center" or "random", after scaling the clip to cover `size`
+    pixels: str = "float32"  # "float32" in [-1, 1], or "uint8" (4x less to move) for `to_float` on the device
     batch_size: int = 8
     num_workers: int = 2
     shuffle: bool = True  # shuffle shards and, through a buffer, samples
@@ -63,6 +65,8 @@ class DataConfig:
             raise ValueError(f"fps must be positive, got {self.fps}")
         if self.crop not in ("center", "random"):
             raise ValueError(f"crop must be 'center' or 'random', got {self.crop!r}")
+        if self.pixels not in ("float32", "uint8"):
+            raise ValueError(f"pixels must be 'float32' or 'uint8', got {self.pixels!r}")
         if self.size is not None:
             pair = [self.size] * 2 if isinstance(self.size, int) else list(self.size)
             if len(pair) != 2 or min(pair) < 1:
@@ -257,8 +261,7 @@ def _video_clip(data: bytes, config: DataConfig, rng: np.random.Generator) -> tu
         raise SkipSample("unknown frame rate, cannot resample to data.fps")
     step = video.fps / config.fps if config.fps is not None else config.frame_stride
     indices = clip_indices(video.frames, config.clip_frames, step, config.clip_start, rng)
-    clip = resize_crop(video.read(indices), config.size, config.crop, rng).contiguous()
-    return clip.float().div_(127.5).sub_(1.0), indices  # [T, C, H, W] in [-1, 1]
+    return resize_crop(video.read(indices), config.size, config.crop, rng), indices  # [T, C, H, W] uint8
 
 
 def _latent_clip(data: bytes, record: dict, config: DataConfig, rng: np.random.Generator):
@@ -279,8 +282,8 @@ def _latent_clip(data: bytes, record: dict, config: DataConfig, rng: np.random.G
 
 
 def decode_sample(sample: dict, config: DataConfig, rng: np.random.Generator) -> dict:
-    """One clip: `video` `[T, C, H, W]` (pixels in [-1, 1] or scaled latents), `label`, `actions` `[T, A]`,
-    `states` `[T, ...]` when the record has them. Raises SkipSample with the reason when it cannot."""
+    """One clip: `video` `[T, C, H, W]` (uint8 pixels, or float scaled latents), `label`, `actions`
+    `[T, A]`, `states` `[T, ...]` when the record has them. Raises SkipSample with the reason if it cannot."""
     try:
         record = json.loads(sample["json"]) if "json" in sample else {}
     except (ValueError, UnicodeDecodeError) as error:
@@ -314,13 +317,49 @@ def decode_sample(sample: dict, config: DataConfig, rng: np.random.Generator) ->
     return out
 
 
-def collate(clips: list[dict], skipped: int = 0) -> dict:
-    """Stack clips into a batch; `label`, `actions`, `states` only when every clip has them."""
-    shapes = {tuple(clip["video"].shape) for clip in clips}
-    if len(shapes) > 1:
-        raise ValueError(f"clips differ in shape {sorted(shapes)}: set data.size to resize them to one size")
+def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """A batch buffer; in a DataLoader worker it lies in shared memory, so handing it over copies nothing."""
+    if get_worker_info() is None:
+        return torch.empty(shape, dtype=dtype)
+    storage = torch.empty(0, dtype=dtype)._typed_storage()._new_shared(math.prod(shape))
+    return torch.empty(0, dtype=dtype).new(storage).view(shape)
+
+
+def to_float(video: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels (0..255) -> contiguous float in [-1, 1], on the tensor's device (x / 127.5 - 1 maps
+    0 and 255 to -1 and 1 exactly); float tensors pass through."""
+    if video.dtype != torch.uint8:
+        return video
+    return video.to(torch.float32, memory_format=torch.contiguous_format).div_(127.5).sub_(1)
+
+
+def collate(clips: list[dict], skipped: int = 0, pixels: str = "float32") -> dict:
+    """Stack clips into a batch; `label`, `actions`, `states` only when every clip has them.
+
+    Pixels become contiguous float in [-1, 1] in the same pass, or, with `pixels="uint8"`, stay uint8 in
+    the decoder's channels-last memory order (`[B, T, C, H, W]` viewed over `[B, T, H, W, C]`: no
+    transposing copy on the CPU; `to_float` on the device makes them contiguous).
+    """
+    kinds = {(tuple(clip["video"].shape), clip["video"].dtype) for clip in clips}
+    if len(kinds) > 1:
+        raise ValueError(
+            f"clips differ in shape or type {sorted(map(str, kinds))}: set data.size to resize them"
+        )
+    first = clips[0]["video"]
+    shape = (len(clips), *first.shape)  # [B, T, C, H, W]
+    if first.dtype != torch.uint8:  # latents
+        video = torch.stack([clip["video"] for clip in clips], out=_empty(shape, first.dtype))
+    elif pixels == "uint8":
+        b, t, c, h, w = shape
+        video = _empty((b, t, h, w, c), torch.uint8).permute(0, 1, 4, 2, 3)
+        for i, clip in enumerate(clips):
+            video[i].copy_(clip["video"])
+    else:
+        video = _empty(shape, torch.float32)
+        for i, clip in enumerate(clips):  # x / 127.5 - 1 maps 0 and 255 to -1 and 1 exactly
+            torch.div(clip["video"].contiguous(), 127.5, out=video[i]).sub_(1)
     batch = {
-        "video": torch.stack([clip["video"] for clip in clips]),  # [B, T, C, H, W]
+        "video": video,
         "key": [clip["key"] for clip in clips],
         "latent": clips[0]["latent"],
         "skipped": skipped,
@@ -460,7 +499,7 @@ class ClipDataset(IterableDataset):
             skipped = size - len(clips)
             if not clips:  # borrow the next good clip, without consuming it, so positions stay put
                 clips = [self._next_good(samples, slot)]
-            yield collate([clips[i % len(clips)] for i in range(size)], skipped)
+            yield collate([clips[i % len(clips)] for i in range(size)], skipped, self.config.pixels)
 
     def _next_good(self, samples: _Lookahead, slot: int) -> dict:
         for i in range(max(self.samples, 1)):

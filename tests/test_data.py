@@ -6,7 +6,15 @@ import pytest
 import torch
 from conftest import pattern, write_index_shards
 
-from dforce.data import DataConfig, SkipSample, clip_indices, expand_shards, make_loader, resize_crop
+from dforce.data import (
+    DataConfig,
+    SkipSample,
+    clip_indices,
+    expand_shards,
+    make_loader,
+    resize_crop,
+    to_float,
+)
 from dforce.shards import ShardSink, encode_video
 
 
@@ -33,6 +41,15 @@ def test_batches_hold_clips_and_frame_fields(index_shards):
     start = batch["actions"][:, 0, 0]
     assert (batch["actions"][..., 0] == start[:, None] + torch.arange(4)).all()  # consecutive frames
     assert set(start.tolist()) <= set(range(5))  # random starts in 0..8-4
+
+
+def test_uint8_pixels_are_the_same_clips(index_shards):
+    as_float = next(iter(make_loader(config(index_shards, num_workers=2))))
+    as_uint8 = next(iter(make_loader(config(index_shards, num_workers=2, pixels="uint8"))))
+    assert as_uint8["video"].dtype == torch.uint8 and as_uint8["video"].shape == as_float["video"].shape
+    video = to_float(as_uint8["video"])
+    assert video.is_contiguous() and torch.equal(video, as_float["video"])
+    assert to_float(torch.tensor([0, 255], dtype=torch.uint8)).tolist() == [-1.0, 1.0]
 
 
 def test_two_ranks_by_two_workers_see_disjoint_samples(index_shards):
@@ -247,6 +264,7 @@ def test_config_is_checked():
         ({"size": [8]}, "size must be"),
         ({"clip_frames": 0}, "clip_frames"),
         ({"fps": 0.0}, "fps must be positive"),
+        ({"pixels": "float16"}, "pixels must be"),
     ]:
         with pytest.raises(ValueError, match=message):
             DataConfig(**options)

@@ -1,0 +1,30 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).parent.parent / "tools/bench.py"
+
+
+def bench(*argv: str) -> str:
+    done = subprocess.run([sys.executable, str(BENCH), *argv], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_data_benchmark_prints_a_table_and_json():
+    options = ["--sizes", "32", "--videos", "4", "--video-frames", "12", "--frames", "8", "--batch-size", "2"]
+    figures = [json.loads(line) for line in bench("data", *options, "--repeat", "1", "--json").splitlines()]
+    assert [f["figure"] for f in figures] == [
+        "decord clips/s/worker",
+        "loader clips/s/worker",
+        "loader uint8 clips/s/worker",
+        "loader overhead",
+        "loader uint8 overhead",
+    ]
+    for figure in figures:
+        assert {"value", "unit", "command", "machine", "torch", "date"} <= figure.keys()
+        assert figure["size"] == "32x32" and figure["command"].startswith("tools/bench.py data --sizes 32")
+    assert all(f["value"] > 0 for f in figures if f["unit"] == "clips/s")
+    table = bench("data", *options, "--repeat", "1")
+    assert "loader uint8 overhead" in table and "torch" in table.splitlines()[-1]
