@@ -101,7 +101,7 @@ def expand_shards(shards: str | Sequence[str]) -> list[str]:
     for pattern in [shards] if isinstance(shards, str) else shards:
         for url in wds.shardlists.expand_urls(pattern):
             path = _local_path(url)
-            if path is not None and glob.has_magic(path):
+            if path is not None and any(char in path for char in "*?["):
                 matches = sorted(glob.glob(path))
                 if not matches:
                     raise ValueError(f"no shards match {url}")
@@ -119,7 +119,7 @@ def expand_shards(shards: str | Sequence[str]) -> list[str]:
 def _count_tar(path: str, mtime_ns: int, size: int) -> int:
     count, last = 0, None
     try:
-        with tarfile.open(path, "r:") as tar:
+        with tarfile.open(path, "r:*") as tar:  # also gzip-compressed shards
             for member in tar:
                 key = wds.tariterators.base_plus_ext(member.name)[0]
                 if member.isreg() and key is not None and not member.name.startswith("__"):
@@ -206,7 +206,7 @@ def _reason(error: Exception) -> str:
 class Video:
     """An in-memory video file, read with decord (`num_threads=1`: parallelism comes from workers).
 
-    decord mis-copies frames of a few narrow widths (8, 12, 16, 24, 48, 72 px); those are read with PyAV.
+    decord mis-copies frames of a few narrow widths (16, 24, 48 px, ...); those are read with PyAV.
     Raises SkipSample with the reason when the file cannot be opened or read.
     """
 

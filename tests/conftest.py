@@ -47,13 +47,13 @@ def write_video(path: Path, video: np.ndarray, fps: float = 8) -> None:
 
 @pytest.fixture(scope="session")
 def videos(tmp_path_factory) -> SimpleNamespace:
-    """A folder of 5 good videos (12 frames, three containers, one in a subfolder, one 16x24), a sidecar,
-    and three bad files: random bytes, an empty file and a 2-frame video."""
+    """A folder of 5 good videos (12 frames of 16x32, three containers, one in a subfolder; e.mp4 16x24,
+    a width decord mis-reads), a sidecar, and three bad files: random bytes, empty, 2 frames."""
     root = tmp_path_factory.mktemp("videos")
     (root / "sub").mkdir()
     sources = {}
     for i, (name, height, width) in enumerate(
-        [("a.mp4", 16, 16), ("b.mp4", 16, 16), ("c.mkv", 16, 16), ("sub/d.webm", 16, 16), ("e.mp4", 16, 24)]
+        [("a.mp4", 16, 32), ("b.mp4", 16, 32), ("c.mkv", 16, 32), ("sub/d.webm", 16, 32), ("e.mp4", 16, 24)]
     ):
         sources[root / name] = pattern(12, height, width, seed=i)
         write_video(root / name, sources[root / name])
@@ -64,9 +64,9 @@ def videos(tmp_path_factory) -> SimpleNamespace:
     return SimpleNamespace(root=root, sources=sources, good=sorted(sources), bad=["broken", "empty", "short"])
 
 
-def write_index_shards(out: Path, shards: int, per_shard: int, frames: int = 8, size: int = 8) -> list[str]:
-    """Shards of tiny videos whose json `actions` hold each frame's index and `label` the sample's number."""
-    video = encode_video(pattern(frames, size, size), fps=8, crf=30)
+def write_index_shards(out: Path, shards: int, per_shard: int, frames: int = 8) -> list[str]:
+    """Shards of 8x32 videos whose json `actions` hold each frame's index and `label` the sample's number."""
+    video = encode_video(pattern(frames, 8, 32), fps=8, crf=30)
     with ShardSink(out, maxcount=per_shard) as sink:
         for n in range(shards * per_shard):
             actions = [[i] for i in range(frames)]
@@ -76,5 +76,5 @@ def write_index_shards(out: Path, shards: int, per_shard: int, frames: int = 8, 
 
 @pytest.fixture(scope="session")
 def index_shards(tmp_path_factory) -> list[str]:
-    """8 shards x 3 samples of 8x8 videos, 8 frames each."""
+    """8 shards x 3 samples of 8x32 videos, 8 frames each."""
     return write_index_shards(tmp_path_factory.mktemp("index_shards"), shards=8, per_shard=3)

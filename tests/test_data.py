@@ -9,6 +9,7 @@ from conftest import pattern, write_index_shards
 from dforce.data import (
     DataConfig,
     SkipSample,
+    Video,
     clip_indices,
     expand_shards,
     make_loader,
@@ -34,7 +35,7 @@ def flat(batches) -> list[int]:
 
 def test_batches_hold_clips_and_frame_fields(index_shards):
     batch = next(iter(make_loader(config(index_shards, batch_size=3))))
-    assert batch["video"].shape == (3, 4, 3, 8, 8) and batch["video"].dtype == torch.float32
+    assert batch["video"].shape == (3, 4, 3, 8, 32) and batch["video"].dtype == torch.float32
     assert batch["video"].min() >= -1 and batch["video"].max() <= 1
     assert batch["label"].dtype == torch.long and batch["actions"].shape == (3, 4, 1)
     assert batch["skipped"] == 0 and not batch["latent"] and len(batch["key"]) == 3
@@ -158,6 +159,13 @@ def test_clip_indices():
             clip_indices(frames, 4, 3, start, rng)
 
 
+@pytest.mark.parametrize("width", [16, 24, 32])
+def test_video_reads_every_width(width):  # decord mis-copies 16 and 24; PyAV reads those
+    source = pattern(6, 8, width)
+    frames = Video(encode_video(source, fps=8, crf=0)).read([1, 3, 5]).permute(0, 2, 3, 1).numpy()
+    assert frames.shape == (3, 8, width, 3) and np.abs(frames.astype(int) - source[[1, 3, 5]]).max() <= 3
+
+
 def test_resize_crop():
     video = torch.arange(2 * 3 * 8 * 12, dtype=torch.float32).view(2, 3, 8, 12)  # [T, C, H, W]
     assert resize_crop(video, None) is video
@@ -173,10 +181,10 @@ def test_resize_crop():
 
 def bad_shards(tmp_path) -> tuple[list[str], int]:
     """10 good samples and 5 bad ones: random bytes, a 2-frame video, no video, bad json, short actions."""
-    good = encode_video(pattern(6, 8, 8), fps=8, crf=30)
+    good = encode_video(pattern(6, 8, 32), fps=8, crf=30)
     bad = [
         {"mp4": np.random.default_rng(0).bytes(500)},
-        {"mp4": encode_video(pattern(2, 8, 8), fps=8)},
+        {"mp4": encode_video(pattern(2, 8, 32), fps=8)},
         {"txt": "no video"},
         {"mp4": good, "json": b"{not json"},
         {"mp4": good, "json": {"actions": [[0]] * 3}},
@@ -195,7 +203,7 @@ def test_bad_samples_are_skipped_and_counted(tmp_path, caplog):
         batches = list(make_loader(config(shards, shuffle=False, batch_size=3)))  # one pass over 15 samples
     assert len(batches) == 5 and sum(batch["skipped"] for batch in batches) == bad
     assert all(
-        batch["video"].shape == (3, 4, 3, 8, 8) and batch["label"].tolist() == [1] * 3 for batch in batches
+        batch["video"].shape == (3, 4, 3, 8, 32) and batch["label"].tolist() == [1] * 3 for batch in batches
     )
     reasons = " | ".join(caplog.messages)
     for reason in ["unreadable", "too short: 2 frames", "no video", "bad json", "actions has 3 rows"]:
@@ -205,7 +213,7 @@ def test_bad_samples_are_skipped_and_counted(tmp_path, caplog):
 
 
 def test_a_batch_of_bad_samples_borrows_the_next_good_one(tmp_path):
-    good = encode_video(pattern(6, 8, 8), fps=8, crf=30)
+    good = encode_video(pattern(6, 8, 32), fps=8, crf=30)
     with ShardSink(tmp_path) as sink:
         for i in range(4):
             sink.write({"__key__": f"k{i}", "mp4": b"junk" if i < 2 else good, "json": {"label": i}})

@@ -34,7 +34,7 @@ def test_make_shards_reads_all_containers_and_skips_bad_files(videos, tmp_path):
     records = {Path(json.loads(s["json"])["source"]).name: (s, json.loads(s["json"])) for s in samples}
     sample, record = records["a.mp4"]
     assert record["label"] == 2 and len(record["actions"]) == 12
-    assert (record["frames"], record["height"], record["width"], record["fps"]) == (12, 16, 16, 8.0)
+    assert (record["frames"], record["height"], record["width"], record["fps"]) == (12, 16, 32, 8.0)
     assert sample["mp4"] == (videos.root / "a.mp4").read_bytes()  # kept as it is
     assert records["d.webm"][0]["webm"] == (videos.root / "sub/d.webm").read_bytes()
 
@@ -95,13 +95,13 @@ def test_labels_csv(videos, tmp_path):
 
 
 def test_shards_round_trip_through_the_loader(videos, tmp_path):
-    good = [p for p in videos.good if p.suffix == ".mp4" and p.name != "e.mp4"]  # H.264 4:4:4, 16x16
+    good = [p for p in videos.good if p.suffix == ".mp4" and p.name != "e.mp4"]  # H.264 4:4:4, 16x32
     shards = make_shards(good, tmp_path).shards
     config = DataConfig(
         shards=shards, clip_frames=12, clip_start=0, batch_size=2, num_workers=0, shuffle=False
     )
     (batch,) = list(make_loader(config))
-    assert batch["video"].shape == (2, 12, 3, 16, 16) and batch["skipped"] == 0
+    assert batch["video"].shape == (2, 12, 3, 16, 32) and batch["skipped"] == 0
     assert "label" not in batch and "actions" not in batch  # a.mp4 has them, b.mp4 not
     for key, video in zip(batch["key"], batch["video"], strict=True):
         source = videos.sources[next(p for p in good if key.endswith(p.stem))]

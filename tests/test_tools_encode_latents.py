@@ -39,7 +39,7 @@ def tiny_wan(path: Path) -> Path:
 
 def test_image_autoencoder_latents_round_trip(index_shards, tmp_path, capsys):
     vae_path = tiny_kl(tmp_path / "vae")
-    shards = "::".join(index_shards[:2])  # 6 clips of 8 frames, 8x8
+    shards = "::".join(index_shards[:2])  # 6 clips of 8 frames, 8x32
     encode_latents.main([shards, "--vae", str(vae_path), "--out", str(tmp_path / "latents"), "--size", "16"])
     assert "6 videos read, 6 samples written to 1 shards, 0 skipped" in capsys.readouterr().out
     samples = list(read_samples(str(tmp_path / "latents/train-*.tar")))
@@ -68,7 +68,7 @@ def test_video_autoencoder_compresses_time(tmp_path, index_shards):
     (sample, *_) = read_samples(summary.shards)
     record = json.loads(sample["json"])
     latent = np.load(io.BytesIO(sample["latent.npy"]), allow_pickle=False)
-    assert latent.shape == (3, 4, 4, 4) and latent.dtype == np.float16  # 8 frames -> 3, 8x8 -> 4x4
+    assert latent.shape == (3, 4, 4, 16) and latent.dtype == np.float16  # 8 frames -> 3, 8x32 -> 4x16
     assert "actions" not in record and record["latent"]["latents_std"] == [2.0, 2.0, 4.0, 4.0]
     batch = next(iter(make_loader(DataConfig(summary.shards, clip_frames=3, batch_size=1, shuffle=False))))
     mean, std = torch.tensor([0.1, 0.2, 0.3, 0.4]).view(-1, 1, 1), torch.tensor([2.0, 2, 4, 4]).view(-1, 1, 1)
