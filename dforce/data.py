@@ -52,7 +52,7 @@ class DataConfig:
     num_workers: int = 2
     shuffle: bool = True  # shuffle shards and, through a buffer, samples
     shuffle_buffer: int = 256
-    resampled: bool = False  # draw shards with replacement instead of splitting them
+    resampled: bool = False  # draw each slot's shards with replacement instead of passing over them
     samples_per_epoch: int | None = None  # None counts the samples of local shards
     seed: int = 0
 
@@ -264,7 +264,9 @@ def _video_clip(data: bytes, config: DataConfig, rng: np.random.Generator) -> tu
     return resize_crop(video.read(indices), config.size, config.crop, rng), indices  # [T, C, H, W] uint8
 
 
-def _latent_clip(data: bytes, record: dict, config: DataConfig, rng: np.random.Generator):
+def _latent_clip(
+    data: bytes, record: dict, config: DataConfig, rng: np.random.Generator
+) -> tuple[torch.Tensor, np.ndarray]:
     try:
         latent = np.load(io.BytesIO(data), allow_pickle=False)  # [N, C, h, w]
     except (ValueError, OSError, EOFError) as error:
@@ -275,9 +277,12 @@ def _latent_clip(data: bytes, record: dict, config: DataConfig, rng: np.random.G
     clip = torch.from_numpy(latent[indices].astype(np.float32))  # [T, C, h, w]
     info = record.get("latent", {})
     if info.get("latents_mean") is not None:  # per-channel statistics (Wan-style autoencoders)
-        mean = torch.tensor(info["latents_mean"]).view(-1, 1, 1)
-        std = torch.tensor(info["latents_std"]).view(-1, 1, 1)
-        return (clip - mean) / std, indices
+        mean, std = (torch.tensor(info[key], dtype=torch.float32) for key in ("latents_mean", "latents_std"))
+        if mean.shape != std.shape or len(mean) != clip.shape[1]:
+            raise SkipSample(
+                f"latents_mean/std have {len(mean)}/{len(std)} entries for {clip.shape[1]} channels"
+            )
+        return (clip - mean.view(-1, 1, 1)) / std.view(-1, 1, 1), indices
     return (clip - info.get("shift_factor", 0.0)) * info.get("scaling_factor", 1.0), indices
 
 
@@ -410,13 +415,10 @@ class ClipDataset(IterableDataset):
         self, config: DataConfig, rank: int = 0, world_size: int = 1, epoch: int = 0, start: int = 0
     ):
         super().__init__()
-        self.config, self.rank, self.world_size, self.epoch, self.start = (
-            config,
-            rank,
-            world_size,
-            epoch,
-            start,
-        )
+        if not 0 <= rank < world_size or epoch < 0:
+            raise ValueError(f"need 0 <= rank < world_size and epoch >= 0, got {rank}, {world_size}, {epoch}")
+        self.config, self.rank, self.world_size = config, rank, world_size
+        self.epoch, self.start = epoch, start
         self.urls = expand_shards(config.shards)
         self.samples = config.samples_per_epoch or count_samples(self.urls)
         if self.samples == 0:
@@ -520,10 +522,11 @@ def make_loader(
 ) -> DataLoader:
     """Batches of one epoch on one rank (`start` = batches this rank already consumed in the epoch).
 
-    Each batch is a dict: `video` `[B, T, C, H, W]` float, `key` (sample keys), `latent` (bool: `video`
-    holds scaled latents), `skipped` (samples replaced in this batch), and `label` `[B]` long,
-    `actions` `[B, T, A]`, `states` `[B, T, ...]` when the records have them. Do not pass the loader
-    through `accelerator.prepare`: it splits the data itself, and Accelerate would drop samples.
+    Each batch is a dict: `video` `[B, T, C, H, W]` (float in [-1, 1]; uint8 with `pixels="uint8"`,
+    for `to_float` on the device; scaled latents when `latent`), `key` (sample keys), `latent` (bool),
+    `skipped` (bad samples replaced in this batch: sum it for the training log), and `label` `[B]`
+    long, `actions` `[B, T, A]`, `states` `[B, T, ...]` when every record has them. Do not pass the
+    loader through `accelerator.prepare`: it splits the data itself, and Accelerate would drop samples.
     """
     dataset = ClipDataset(config, rank, world_size, epoch, start)
     workers = config.num_workers
