@@ -83,15 +83,16 @@ def textured_clip(index: int, frames: int, size: int) -> np.ndarray:
 
 
 def best_rates(runs: dict[str, Callable[[], int]], repeat: int) -> dict[str, float]:
-    """Clips per second of the fastest of `repeat` runs of each, interleaved so that drifts in machine
-    load hit them alike; the first round warms up and does not count."""
+    """Clips per CPU second (this process's CPU time, which other load on the machine disturbs less than
+    wall time) of the fastest of `repeat` runs of each, interleaved so that drifts hit them alike; the
+    first round warms up and does not count."""
     best = dict.fromkeys(runs, 0.0)
     for round in range(repeat + 1):
         for name, run in runs.items():
-            start = time.perf_counter()
+            start = time.process_time()
             clips = run()
             if round > 0:
-                best[name] = max(best[name], clips / (time.perf_counter() - start))
+                best[name] = max(best[name], clips / (time.process_time() - start))
     return best
 
 
@@ -145,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     data = commands.add_parser(
         "data",
         help="loader throughput vs plain decord",
-        description="Clips per second for one worker (one process, one thread): the dforce loader (tar "
+        description="Clips per CPU second for one worker (one process, one thread): the dforce loader (tar "
         "reading, shuffle buffer, decode, batching; float32 in [-1, 1] or uint8) against plain decord "
         "decoding of the same files from memory. Videos are made in a temporary folder: H.264 4:2:0, crf 23.",
     )
