@@ -63,7 +63,8 @@ class ShardSink:
     """`webdataset.ShardWriter` into `out_dir/PREFIX-%06d.tar`, each shard renamed there once complete.
 
     Opens the first shard at the first sample, so an empty run writes nothing. Refuses to mix with
-    shards of an earlier run of the same prefix unless `overwrite`, which deletes them first.
+    shards of an earlier run of the same prefix unless `overwrite`, which deletes them (and any
+    `.tar.partial` a killed run left) first.
     """
 
     def __init__(
@@ -79,6 +80,8 @@ class ShardSink:
         old = sorted(glob.glob(str(self.out_dir / f"{glob.escape(prefix)}-[0-9]*.tar")))
         if old and not overwrite:
             raise ValueError(f"{out_dir} already holds {len(old)} {prefix}-*.tar shards: pass --overwrite")
+        if overwrite:  # with the pieces a killed run left
+            old += glob.glob(str(self.out_dir / f"{glob.escape(prefix)}-[0-9]*.tar.partial"))
         for path in old:
             os.remove(path)
         self.shards: list[str] = []

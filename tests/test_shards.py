@@ -116,6 +116,7 @@ def test_existing_shards_need_overwrite(tmp_path):
     assert sorted(Path(p).name for p in sink.shards) == ["train-000000.tar", "train-000001.tar"]
     with pytest.raises(ValueError, match="already holds 2 train"):
         ShardSink(tmp_path)
+    (tmp_path / "train-000007.tar.partial").write_bytes(b"left by a killed run")
     with ShardSink(tmp_path, overwrite=True) as sink:
         sink.write({"__key__": "z", "txt": "3"})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["train-000000.tar"]
