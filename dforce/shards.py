@@ -22,10 +22,9 @@ import numpy as np
 import torch
 import webdataset as wds
 
-from dforce.data import SkipSample, Video, resize_crop
+from dforce.data import FRAME_FIELDS, VIDEO_EXTENSIONS, SkipSample, Video, resize_crop
 
-VIDEO_SUFFIXES = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v")
-FRAME_FIELDS = ("actions", "states")  # sidecar arrays with one row per frame, cut like the video
+VIDEO_SUFFIXES = tuple(f".{ext}" for ext in VIDEO_EXTENSIONS)  # what a folder search picks up
 CHUNK_FRAMES = 64  # frames decoded at a time while checking or re-encoding a whole video
 
 
@@ -73,7 +72,7 @@ class ShardSink:
         prefix: str = "train",
         maxcount: int = 1000,
         maxsize: float = 1e9,
-        overwrite=False,
+        overwrite: bool = False,
     ):
         self.out_dir, self.prefix = Path(out_dir), prefix
         self.options = {"maxcount": maxcount, "maxsize": maxsize}
@@ -157,10 +156,12 @@ def read_labels(path: str | Path) -> dict[Path, dict]:
         if reader.fieldnames is None or "path" not in reader.fieldnames:
             raise ValueError(f"{path}: the header must name a 'path' column, got {reader.fieldnames}")
         rows = {}
-        for row in reader:
+        for line, row in enumerate(reader, 2):
+            if not row.get("path"):
+                raise ValueError(f"{path}, line {line}: no path")
             video = (path.parent / row.pop("path")).resolve()
             rows[video] = {
-                k: int(v) if k == "label" and re.fullmatch(r"-?\d+", v) else v for k, v in row.items()
+                k: int(v) if k == "label" and re.fullmatch(r"-?\d+", v or "") else v for k, v in row.items()
             }
     return rows
 

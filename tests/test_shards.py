@@ -89,9 +89,13 @@ def test_labels_csv(videos, tmp_path):
     records = {Path(r["source"]).name: r for r in (json.loads(s["json"]) for s in samples_of(summary.shards))}
     assert records["a.mp4"]["label"] == 2 and records["a.mp4"]["split"] == "train"  # the sidecar json wins
     assert records["d.webm"]["label"] == 3 and records["d.webm"]["split"] == "val"
-    with pytest.raises(ValueError, match="must name a 'path' column"):
-        (tmp_path / "bad.csv").write_text("file,label\na.mp4,1\n")
-        make_shards([videos.root / "a.mp4"], tmp_path / "out2", labels=tmp_path / "bad.csv")
+    for text, message in [
+        ("file,label\na.mp4,1\n", "must name a 'path' column"),
+        ("path,label\n,1\n", "line 2: no path"),
+    ]:
+        (tmp_path / "bad.csv").write_text(text)
+        with pytest.raises(ValueError, match=message):
+            make_shards([videos.root / "a.mp4"], tmp_path / "out2", labels=tmp_path / "bad.csv")
 
 
 def test_shards_round_trip_through_the_loader(videos, tmp_path):
