@@ -17,6 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: install
+	$(BIN)/dforce make-synthetic --out $(DEMO_OUT)/data --clips 256 --frames 32 --size 32 --overwrite
 	$(BIN)/dforce plot-weights --frames 2 --levels 16 --out $(DEMO_OUT)/weights_2frames.png
 	$(BIN)/dforce plot-weights --frames 8 --levels 1000 --cube-levels 16 --out $(DEMO_OUT)/weights_8frames.png
 

@@ -362,7 +362,7 @@ def collate(clips: list[dict], skipped: int = 0, pixels: str = "float32") -> dic
     else:
         video = _empty(shape, torch.float32)
         for i, clip in enumerate(clips):  # x / 127.5 - 1 maps 0 and 255 to -1 and 1 exactly
-            torch.div(clip["video"].contiguous(), 127.5, out=video[i]).sub_(1)
+            video[i].copy_(clip["video"]).div_(127.5).sub_(1)  # one strided copy, then in place
     batch = {
         "video": video,
         "key": [clip["key"] for clip in clips],
