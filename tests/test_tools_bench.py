@@ -28,3 +28,17 @@ def test_data_benchmark_prints_a_table_and_json():
     assert all(f["value"] > 0 for f in figures if f["unit"] == "clips/s")
     table = bench("data", *options, "--repeat", "1")
     assert "loader uint8 overhead" in table and "torch" in table.splitlines()[-1]
+
+
+def test_model_benchmark_times_forward_and_backward():
+    options = ["--shapes", "tiny", "--batch", "1", "--repeat", "1", "--no-yardstick", "--json"]
+    figures = {f["figure"]: f for f in map(json.loads, bench("model", *options).splitlines())}
+    assert list(figures) == [
+        "parameters",
+        "forward time",
+        "forward TFLOP/s",
+        "forward+backward time",
+        "forward+backward TFLOP/s",
+    ]
+    assert 4 < figures["parameters"]["value"] < 6 and figures["parameters"]["tokens"] == 512
+    assert figures["forward+backward time"]["value"] > figures["forward time"]["value"] > 0

@@ -2,6 +2,7 @@
 
     python tools/bench.py data                     # loader clips/s per worker vs plain decord
     python tools/bench.py data --sizes 64 --json   # machine-readable, with machine, torch and date
+    python tools/bench.py model                    # parameters, forward and backward time, vs the yardstick
 
 Each figure carries the command line, the machine, the torch version and the date.
 """
@@ -15,6 +16,7 @@ import io
 import json
 import os
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -26,6 +28,7 @@ import numpy as np
 import torch
 
 from dforce.data import DataConfig, make_loader, read_samples
+from dforce.model import CausalVideoTransformer
 from dforce.shards import ShardSink, encode_video
 from dforce.synthetic import bouncing_balls
 
@@ -48,6 +51,12 @@ def machine() -> str:
     return text
 
 
+def _cell(value: object) -> str:
+    if isinstance(value, float):
+        return f"{value:.0f}" if abs(value) >= 1000 else f"{value:.4g}"
+    return str(value)
+
+
 def report(figures: list[dict], argv: list[str], as_json: bool) -> None:
     """Figures are dicts with `figure`, `value`, `unit` and their parameters."""
     context = {
@@ -61,10 +70,7 @@ def report(figures: list[dict], argv: list[str], as_json: bool) -> None:
             print(json.dumps({**figure, **context}))
         return
     columns = list(dict.fromkeys(key for figure in figures for key in figure))
-    cells = [
-        [f"{f.get(c, ''):.1f}" if isinstance(f.get(c), float) else str(f.get(c, "")) for c in columns]
-        for f in figures
-    ]
+    cells = [[_cell(f.get(c, "")) for c in columns] for f in figures]
     widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(columns)]
     for row in [columns, ["-" * w for w in widths], *cells]:
         print("  ".join(cell.rjust(width) for cell, width in zip(row, widths, strict=True)))
@@ -138,6 +144,128 @@ def bench_data(args: argparse.Namespace) -> list[dict]:
     return figures
 
 
+YARDSTICK = Path(__file__).resolve().parents[1].parent / "shared/bench/yardstick.py"
+
+# tiny: the yardstick's CPU shape (d256 L4 h4, 8 frames x 64 tokens, batch 4); base: its GPU shape's
+# ~130M-parameter model (d768 L12 h12, 16 frames x 256 tokens), at batch 1 on a CPU.
+MODEL_SHAPES = {
+    "tiny": dict(
+        in_channels=3, sample_size=32, patch_size=4, num_frames=8,
+        num_layers=4, num_attention_heads=4, attention_head_dim=64,
+    ),
+    "base": dict(
+        in_channels=4, sample_size=32, patch_size=2, num_frames=16,
+        num_layers=12, num_attention_heads=12, attention_head_dim=64,
+    ),
+}  # fmt: skip
+
+
+def useful_flops(model: CausalVideoTransformer, batch: int) -> float:
+    """Forward FLOPs counted as the yardstick counts them: the block linears per token, and the
+    block-causal part of attention."""
+    config = model.config
+    d, frames = config.num_attention_heads * config.attention_head_dim, config.num_frames
+    tokens = frames * model.grid[0] * model.grid[1]
+    linears = config.num_layers * 18 * d * d  # qkv 3, out 1, MLP 8, modulation 6 (x d^2)
+    attention = config.num_layers * 4 * batch * tokens**2 * d * (frames + 1) / (2 * frames)
+    return 2 * batch * tokens * linears + attention
+
+
+def yardstick_best(device: str) -> dict | None:
+    """The yardstick's fastest variant on this machine, run in the same command; None if it is absent."""
+    if not YARDSTICK.is_file():
+        return None
+    done = subprocess.run(
+        [sys.executable, str(YARDSTICK), "--device", device, "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    return max((line for line in lines if "tflops" in line), key=lambda line: line["tflops"], default=None)
+
+
+def best_seconds(run: Callable[[], object], repeat: int) -> float:
+    """Fastest wall time of `repeat` runs after one warm-up run."""
+    run()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def model_seconds(
+    model: CausalVideoTransformer, sample: torch.Tensor, timesteps: torch.Tensor, backward: bool, repeat: int
+) -> float:
+    def run() -> None:
+        with torch.set_grad_enabled(backward):
+            out = model(sample, timesteps)
+        if backward:
+            out.square().mean().backward()
+        if sample.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    return best_seconds(run, repeat)
+
+
+def bench_model(args: argparse.Namespace) -> list[dict]:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    figures = []
+    for name in args.shapes:
+        torch.manual_seed(0)
+        model = CausalVideoTransformer(**MODEL_SHAPES[name]).to(device)
+        batch = args.batch or (4 if name == "tiny" else 1)
+        config = model.config
+        sample = torch.randn(
+            batch,
+            config.num_frames,
+            config.in_channels,
+            *(g * config.patch_size for g in model.grid),
+            device=device,
+        )  # [B, T, C, H, W]
+        timesteps = torch.randint(0, 1000, (batch, config.num_frames), device=device)  # [B, T]
+        shape = {"shape": name, "batch": batch, "tokens": config.num_frames * model.grid[0] * model.grid[1]}
+        params = sum(p.numel() for p in model.parameters())
+        figures.append({"figure": "parameters", "value": params / 1e6, "unit": "M", **shape})
+
+        flops = useful_flops(model, batch)
+        for backward in (False, True) if args.backward else (False,):
+            seconds = model_seconds(model, sample, timesteps, backward, args.repeat)
+            figure, factor = ("forward+backward", 3) if backward else ("forward", 1)
+            figures.append({"figure": f"{figure} time", "value": seconds * 1e3, "unit": "ms", **shape})
+            figures.append(
+                {
+                    "figure": f"{figure} TFLOP/s",
+                    "value": factor * flops / seconds / 1e12,
+                    "unit": "TFLOP/s",
+                    **shape,
+                }
+            )
+        if name == "tiny" and args.backward and args.yardstick:
+            best = yardstick_best(device.type)
+            if best is not None:
+                ours = figures[-1]["value"]
+                figures.append(
+                    {
+                        "figure": f"yardstick {best['variant']} TFLOP/s",
+                        "value": best["tflops"],
+                        "unit": "TFLOP/s",
+                        **shape,
+                    }
+                )
+                figures.append(
+                    {
+                        "figure": "forward+backward / yardstick",
+                        "value": ours / best["tflops"],
+                        "unit": "x",
+                        **shape,
+                    }
+                )
+    return figures
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -157,6 +285,20 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--batch-size", type=int, default=8)
     data.add_argument("--repeat", type=int, default=3, help="runs per figure; the fastest counts")
     data.set_defaults(run=bench_data)
+    model = commands.add_parser(
+        "model",
+        help="parameters, forward and forward+backward time of the transformer",
+        description="CausalVideoTransformer at the yardstick's shapes, block-causal, fp32, best of --repeat "
+        "runs. At the tiny (yardstick CPU) shape the forward+backward useful TFLOP/s, counted as the "
+        "yardstick counts them, is also given as a ratio to the yardstick's best line from the same command "
+        f"({YARDSTICK}, when present).",
+    )
+    model.add_argument("--shapes", nargs="+", choices=list(MODEL_SHAPES), default=list(MODEL_SHAPES))
+    model.add_argument("--batch", type=int, default=None, help="default: 4 for tiny, 1 for base")
+    model.add_argument("--repeat", type=int, default=3, help="timed runs; the fastest counts")
+    model.add_argument("--no-backward", dest="backward", action="store_false", help="time the forward only")
+    model.add_argument("--no-yardstick", dest="yardstick", action="store_false", help="skip the yardstick")
+    model.set_defaults(run=bench_model)
     for command in commands.choices.values():
         command.add_argument("--json", action="store_true", help="one JSON object per figure")
     return parser
