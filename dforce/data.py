@@ -8,6 +8,7 @@ a pure function of (seed, epoch, world size, workers), so a resumed run repeats 
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import io
 import itertools
@@ -15,6 +16,7 @@ import json
 import logging
 import math
 import os
+import sys
 import tarfile
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
@@ -203,6 +205,21 @@ def _reason(error: Exception) -> str:
     return f"unreadable: {str(error).strip().splitlines()[0][:200]}"
 
 
+@contextlib.contextmanager
+def _native_stderr_silenced() -> Iterator[None]:
+    """decord logs a file it cannot open to the C-level stderr, with the file's bytes as its name; the
+    exception it raises says enough."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 class Video:
     """An in-memory video file, read with decord (`num_threads=1`: parallelism comes from workers).
 
@@ -213,7 +230,8 @@ class Video:
     def __init__(self, data: bytes):
         self.data = data
         try:
-            self.reader = decord.VideoReader(io.BytesIO(data), num_threads=1)
+            with _native_stderr_silenced():
+                self.reader = decord.VideoReader(io.BytesIO(data), num_threads=1)
         except (RuntimeError, decord.DECORDError) as error:
             raise SkipSample(_reason(error)) from error
         self.frames, self.fps = len(self.reader), self.reader.get_avg_fps()

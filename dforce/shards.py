@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import webdataset as wds
+from tqdm import tqdm
 
 from dforce.data import FRAME_FIELDS, VIDEO_EXTENSIONS, SkipSample, Video, resize_crop
 
@@ -299,7 +300,8 @@ def make_shards(
     )
     summary = ShardSummary()
     with ShardSink(out, prefix, maxcount, maxsize, overwrite) as sink:
-        for number, video in enumerate(videos, 1):
+        bar = tqdm(videos, unit="video", disable=not progress)
+        for video in bar:
             summary.videos += 1
             try:
                 samples = _video_samples(video, video.read_bytes(), _sidecar(video, table), **options)
@@ -309,9 +311,6 @@ def make_shards(
             for sample in samples:
                 sink.write({"__key__": _key(summary.samples, video), **sample})
                 summary.samples += 1
-            if progress:
-                print(f"\r{number}/{len(videos)} videos, {summary.samples} samples", end="", flush=True)
-        if progress and videos:
-            print()
+            bar.set_postfix(samples=summary.samples, skipped=len(summary.skipped))
     summary.shards = sink.shards
     return summary

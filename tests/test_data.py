@@ -212,6 +212,13 @@ def test_bad_samples_are_skipped_and_counted(tmp_path, caplog):
     assert len(batches) == 5 and all(batch["video"].shape[0] == 3 for batch in batches)
 
 
+def test_an_unreadable_video_is_one_clear_reason(capfd):
+    """decord would log the file's bytes to the C-level stderr; only the exception's reason remains."""
+    with pytest.raises(SkipSample, match="unreadable"):
+        Video(b"SECRET-PAYLOAD " * 100)
+    assert "SECRET-PAYLOAD" not in capfd.readouterr().err
+
+
 def test_a_batch_of_bad_samples_borrows_the_next_good_one(tmp_path):
     good = encode_video(pattern(6, 8, 32), fps=8, crf=30)
     with ShardSink(tmp_path) as sink:
