@@ -30,6 +30,7 @@ from dforce.data import (
     parse_size,
     read_samples,
     resize_crop,
+    to_float,
 )
 from dforce.shards import ShardSink, ShardSummary
 
@@ -63,9 +64,8 @@ def encode(vae: torch.nn.Module, video: torch.Tensor, batch_frames: int = 16) ->
         return out.latent_dist.mode() if hasattr(out, "latent_dist") else out.latents
 
     if is_video_autoencoder(vae):
-        return mean(video.permute(1, 0, 2, 3)[None])[0].permute(
-            1, 0, 2, 3
-        )  # [1, C, T, H, W] -> [T', C', h, w]
+        clip = video.permute(1, 0, 2, 3)[None]  # [1, C, T, H, W]
+        return mean(clip)[0].permute(1, 0, 2, 3)  # [T', C', h, w]
     return torch.cat([mean(chunk) for chunk in video.split(batch_frames)])
 
 
@@ -110,7 +110,7 @@ def encode_latents(
             except (SkipSample, ValueError) as reason:
                 summary.skipped.append((source, str(reason)))
                 continue
-            latent = encode(vae, pixels.float() / 127.5 - 1, batch_frames).float().cpu()  # [T', C', h, w]
+            latent = encode(vae, to_float(pixels), batch_frames).float().cpu()  # [T', C', h, w]
             if len(latent) != len(pixels):
                 record = {k: v for k, v in record.items() if k not in FRAME_FIELDS}
             record["latent"] = {**info, "frames": len(pixels), "shape": list(latent.shape)}
