@@ -278,8 +278,7 @@ class CausalVideoTransformer(ModelMixin, ConfigMixin):
         layout = Layout(
             frames, x.shape[2], config.frames_per_block, cached=cached, teacher=context is not None
         )
-        needs_grad = torch.is_grad_enabled() and any(p.requires_grad for p in self.parameters())
-        mask = attention_mask(layout, x.device, self.attention_backend, needs_grad)
+        mask = attention_mask(layout, x.device, self.attention_backend, torch.is_grad_enabled())
 
         for layer, block in enumerate(self.blocks):
             args = (x, cond, (cos, sin), mask, None if cache is None else cache.get(layer))
@@ -292,7 +291,7 @@ class CausalVideoTransformer(ModelMixin, ConfigMixin):
         if update_cache:
             cache.advance(frames, x.shape[2])
 
+        x, cond = x[:, -frames:], cond[:, -frames:]  # the teacher layout predicts its noisy half only
         shift, scale = self.modulation_out(cond).chunk(2, dim=-1)
-        x = self.proj_out(_modulate(self.norm_out(x), shift, scale))  # [B, T', N, C_out * p * p]
-        x = x[:, -frames:]
+        x = self.proj_out(_modulate(self.norm_out(x), shift, scale))  # [B, T, N, C_out * p * p]
         return rearrange(x, "b t (h w) (c p q) -> b t c (h p) (w q)", h=self.grid[0], p=p, q=p)
