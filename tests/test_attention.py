@@ -82,6 +82,17 @@ def test_flex_skips_masked_tiles():
     layout = Layout(frames=8, tokens_per_frame=64)
     tiles = flex_block_mask(layout, CPU).to_dense()[0, 0]  # [4, 4]
     assert torch.equal(tiles.bool(), torch.ones(4, 4, dtype=torch.bool).tril())
+
+
+@pytest.mark.parametrize(
+    "layout",
+    [
+        Layout(frames=8, tokens_per_frame=64),
+        Layout(frames=4, tokens_per_frame=64, frames_per_block=2, teacher=True),
+    ],
+    ids=str,
+)
+def test_flex_and_sdpa_agree_across_tiles(layout):
     q, k, v = torch.randn(3, 1, 2, layout.query_tokens, 16, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(
         attend(q, k, v, attention_mask(layout, CPU, "flex")),
