@@ -4,6 +4,9 @@ A shard sample is a video file (`mp4`, `webm`, `mkv`, `avi`, ...) or a `latent.n
 `json` record (`fps`, `label`, per-frame `actions`, ...). `make_loader` gives one rank's batches of
 one epoch. Every rank gets the same number of batches (an uneven split hangs DDP), and the order is
 a pure function of (seed, epoch, world size, workers), so a resumed run repeats an uninterrupted one.
+webdataset expands the shard patterns and reads the tars (any URL it opens); the split over ranks and
+workers, the shuffle buffer and the epoch length are done here rather than with `split_by_node`,
+`shuffle` and `with_epoch`, because those draw from global state and let ranks end unevenly.
 """
 
 from __future__ import annotations
