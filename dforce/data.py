@@ -6,7 +6,8 @@ one epoch. Every rank gets the same number of batches (an uneven split hangs DDP
 a pure function of (seed, epoch, world size, workers), so a resumed run repeats an uninterrupted one.
 webdataset expands the shard patterns and reads the tars (any URL it opens); the split over ranks and
 workers, the shuffle buffer and the epoch length are done here rather than with `split_by_node`,
-`shuffle` and `with_epoch`, because those draw from global state and let ranks end unevenly.
+`shuffle` and `with_epoch`: those split by torch.distributed's rank, seed from the clock unless told,
+count per worker (so ranks can end unevenly), and would decode every skipped sample on resume.
 """
 
 from __future__ import annotations
