@@ -44,10 +44,18 @@ def rotary_split(head_dim: int) -> tuple[int, int, int]:
 
 @functools.lru_cache(maxsize=256)
 def rotary_tables(
-    frames: int, height: int, width: int, offset: int, head_dim: int, theta: float, device: torch.device
+    frames: int,
+    height: int,
+    width: int,
+    offset: int,
+    head_dim: int,
+    theta: float,
+    device: torch.device,
+    copies: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [frames * height * width, head_dim] for frames at positions offset.. (built in float64,
-    so positions far past the horizon stay exact to float32 rounding)."""
+    """cos, sin [copies * frames * height * width, head_dim] for frames at positions offset.. (built in
+    float64, so positions far past the horizon stay exact to float32 rounding). The teacher layout
+    takes two copies: its context and noisy halves sit at the same positions."""
     dims = rotary_split(head_dim)
     grid = torch.meshgrid(
         torch.arange(offset, offset + frames, dtype=torch.float64, device=device),
@@ -59,8 +67,8 @@ def rotary_tables(
         get_1d_rotary_pos_embed(dim, axis.flatten(), theta, use_real=True, freqs_dtype=torch.float64)
         for dim, axis in zip(dims, grid, strict=True)
     ]
-    cos = torch.cat([c for c, _ in tables], dim=-1)  # [T * h * w, head_dim]
-    sin = torch.cat([s for _, s in tables], dim=-1)
+    cos = torch.cat([c for c, _ in tables], dim=-1).repeat(copies, 1)  # [copies * T * h * w, head_dim]
+    sin = torch.cat([s for _, s in tables], dim=-1).repeat(copies, 1)
     return cos, sin
 
 
@@ -270,14 +278,17 @@ class CausalVideoTransformer(ModelMixin, ConfigMixin):
         x = rearrange(sample, "b t c (h p) (w q) -> b t (h w) (c p q)", p=p, q=p)
         x = self.patch_embed(x.to(self.patch_embed.weight.dtype))  # [B, T', N, D]
         cond = self._condition(timesteps, labels, actions)  # [B, T', D]
+        teacher = context is not None
         cos, sin = rotary_tables(
-            frames, *self.grid, frame_offset, config.attention_head_dim, config.rope_theta, x.device
+            frames,
+            *self.grid,
+            frame_offset,
+            config.attention_head_dim,
+            config.rope_theta,
+            x.device,
+            1 + teacher,
         )
-        if context is not None:
-            cos, sin = torch.cat([cos, cos]), torch.cat([sin, sin])
-        layout = Layout(
-            frames, x.shape[2], config.frames_per_block, cached=cached, teacher=context is not None
-        )
+        layout = Layout(frames, x.shape[2], config.frames_per_block, cached=cached, teacher=teacher)
         mask = attention_mask(layout, x.device, self.attention_backend, torch.is_grad_enabled())
 
         for layer, block in enumerate(self.blocks):
