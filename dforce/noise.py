@@ -16,9 +16,11 @@ errors at fixed x_t (see `loss_weight`).
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 import torch
 from diffusers import DDPMScheduler
@@ -84,6 +86,11 @@ class NoiseSchedule:
     @property
     def levels(self) -> int:
         return self.alpha.shape[0] - 1
+
+    def timesteps(self, levels: Tensor) -> Tensor:
+        """What the model is told a level is: t * 1000 with t = level / K, float32 [B, T], so the
+        sinusoidal embedding sees the same range whatever K is."""
+        return levels.float() * (1000.0 / self.levels)
 
     def to(self, device: torch.device | str) -> NoiseSchedule:
         """Tables on the levels' device, so gathering needs no host sync."""
@@ -197,3 +204,42 @@ class NoiseSchedule:
         dim = x0.shape[-1]
         prior = 0.5 * (a_end**2 * x0.square().sum(-1) + dim * (s_end**2 - 1 - 2 * s_end.log()))
         return prior + 0.5 * dim * torch.log(2 * math.pi * s_one**2)
+
+
+@dataclass
+class NoiseConfig:
+    """What a trained network's output means: its schedule and parameterisation.
+
+    Saved beside the weights as `noise.json`, so a model directory is all that sampling needs.
+    """
+
+    schedule: str = "cosine"
+    levels: int = 1000
+    schedule_options: dict[str, float] = field(default_factory=dict)
+    parameterization: str = "v"
+
+    FILE = "noise.json"
+
+    def __post_init__(self) -> None:
+        _check("parameterization", self.parameterization, PARAMETERIZATIONS)
+        _check("noise schedule", self.schedule, SCHEDULE_OPTIONS, self.schedule_options)
+
+    def build(self) -> NoiseSchedule:
+        return NoiseSchedule.from_name(self.schedule, self.levels, **self.schedule_options)
+
+    def save(self, directory: str | Path) -> Path:
+        path = Path(directory) / self.FILE
+        path.write_text(json.dumps(asdict(self), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, directory: str | Path) -> NoiseConfig:
+        path = Path(directory) / cls.FILE
+        try:
+            return cls(**json.loads(path.read_text()))
+        except FileNotFoundError:
+            raise FileNotFoundError(
+                f"{path}: missing; is {directory} a model saved by `dforce train`?"
+            ) from None
+        except (json.JSONDecodeError, TypeError, ValueError) as error:
+            raise ValueError(f"{path}: {error}") from None

@@ -6,7 +6,7 @@ import torch
 from diffusers import DDPMScheduler
 from torch.distributions import MultivariateNormal, Normal, kl_divergence
 
-from dforce.noise import PARAMETERIZATIONS, WEIGHTING_OPTIONS, NoiseSchedule
+from dforce.noise import PARAMETERIZATIONS, WEIGHTING_OPTIONS, NoiseConfig, NoiseSchedule
 
 SCHEDULES = {
     "cosine": ("cosine", {}),
@@ -271,3 +271,24 @@ def test_unknown_names():
         sched.target(x, x, levels, "score")
     with pytest.raises(ValueError, match="'score'"):
         sched.to_x0_eps(x, x, levels, "score")
+
+
+def test_noise_config_round_trip(tmp_path):
+    config = NoiseConfig("flow", levels=50, schedule_options={"shift": 3.0}, parameterization="flow")
+    config.save(tmp_path)
+    loaded = NoiseConfig.load(tmp_path)
+    assert loaded == config
+    assert torch.equal(loaded.build().sigma, NoiseSchedule.from_name("flow", 50, shift=3.0).sigma)
+    assert torch.equal(
+        loaded.build().timesteps(torch.tensor([[0, 25, 50]])), torch.tensor([[0, 500, 1000.0]])
+    )
+
+
+def test_noise_config_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"noise\.json"):
+        NoiseConfig.load(tmp_path)
+    (tmp_path / "noise.json").write_text('{"schedule": "cosine", "bogus": 1}')
+    with pytest.raises(ValueError, match=r"noise\.json.*bogus"):
+        NoiseConfig.load(tmp_path)
+    with pytest.raises(ValueError, match="parameterization"):
+        NoiseConfig(parameterization="score")
