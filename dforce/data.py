@@ -54,7 +54,6 @@ class DataConfig:
     size: int | list[int] | None = None  # square side or [height, width]; None keeps the stored size
     crop: str = "center"  # "center" or "random", after scaling the clip to cover `size`
     pixels: str = "float32"  # "float32" in [-1, 1], or "uint8" (4x less to move) for `to_float` on the device
-    batch_size: int = 8
     num_workers: int = 2
     shuffle: bool = True  # shuffle shards and, through a buffer, samples
     shuffle_buffer: int = 256
@@ -63,8 +62,8 @@ class DataConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if min(self.clip_frames, self.frame_stride, self.batch_size, self.shuffle_buffer) < 1:
-            raise ValueError("clip_frames, frame_stride, batch_size and shuffle_buffer must be >= 1")
+        if min(self.clip_frames, self.frame_stride, self.shuffle_buffer) < 1:
+            raise ValueError("clip_frames, frame_stride and shuffle_buffer must be >= 1")
         if min(self.num_workers, self.seed) < 0:
             raise ValueError("num_workers and seed must be >= 0")
         if self.fps is not None and self.fps <= 0:
@@ -434,21 +433,30 @@ class ClipDataset(IterableDataset):
     """
 
     def __init__(
-        self, config: DataConfig, rank: int = 0, world_size: int = 1, epoch: int = 0, start: int = 0
+        self,
+        config: DataConfig,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        epoch: int = 0,
+        start: int = 0,
     ):
         super().__init__()
-        if not 0 <= rank < world_size or epoch < 0:
-            raise ValueError(f"need 0 <= rank < world_size and epoch >= 0, got {rank}, {world_size}, {epoch}")
-        self.config, self.rank, self.world_size = config, rank, world_size
+        if not 0 <= rank < world_size or epoch < 0 or batch_size < 1:
+            raise ValueError(
+                f"need 0 <= rank < world_size, epoch >= 0 and batch_size >= 1, "
+                f"got {rank}, {world_size}, {epoch}, {batch_size}"
+            )
+        self.config, self.batch_size, self.rank, self.world_size = config, batch_size, rank, world_size
         self.epoch, self.start = epoch, start
         self.urls = expand_shards(config.shards)
         self.samples = config.samples_per_epoch or count_samples(self.urls)
         if self.samples == 0:
             raise ValueError(f"no samples in the shards {_name_shards(self.urls)}")
-        self.batches = self.samples // (world_size * config.batch_size)
+        self.batches = self.samples // (world_size * batch_size)
         if self.batches == 0:
             raise ValueError(
-                f"{self.samples} samples make no batch of {config.batch_size} on each of {world_size} ranks"
+                f"{self.samples} samples make no batch of {batch_size} on each of {world_size} ranks"
             )
         if not 0 <= start <= self.batches:
             raise ValueError(f"start {start} is outside the epoch of {self.batches} batches")
@@ -513,7 +521,7 @@ class ClipDataset(IterableDataset):
             return None
 
     def _batches(self, slot: int, slots: int, done: int, count: int) -> Iterator[dict]:
-        size = self.config.batch_size
+        size = self.batch_size
         samples = _Lookahead(enumerate(self._slot_samples(slot, slots)))
         for _ in range(done * size):
             next(samples)
@@ -536,6 +544,7 @@ class ClipDataset(IterableDataset):
 def make_loader(
     config: DataConfig,
     *,
+    batch_size: int,
     rank: int = 0,
     world_size: int = 1,
     epoch: int = 0,
@@ -550,7 +559,7 @@ def make_loader(
     long, `actions` `[B, T, A]`, `states` `[B, T, ...]` when every record has them. Do not pass the
     loader through `accelerator.prepare`: it splits the data itself, and Accelerate would drop samples.
     """
-    dataset = ClipDataset(config, rank, world_size, epoch, start)
+    dataset = ClipDataset(config, batch_size, rank, world_size, epoch, start)
     workers = config.num_workers
     return DataLoader(
         dataset,

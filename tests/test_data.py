@@ -20,13 +20,17 @@ from dforce.shards import ShardSink, encode_video
 
 
 def config(shards, **options) -> DataConfig:
-    defaults = dict(shards=shards, clip_frames=4, batch_size=2, num_workers=0, shuffle_buffer=4, size=None)
+    defaults = dict(shards=shards, clip_frames=4, num_workers=0, shuffle_buffer=4, size=None)
     return DataConfig(**{**defaults, **options})
 
 
-def labels(cfg: DataConfig, **where) -> list[list[int]]:
+def loader(cfg: DataConfig, batch_size: int = 2, **where):
+    return make_loader(cfg, batch_size=batch_size, **where)
+
+
+def labels(cfg: DataConfig, batch_size: int = 2, **where) -> list[list[int]]:
     """The sample numbers of each batch."""
-    return [batch["label"].tolist() for batch in make_loader(cfg, **where)]
+    return [batch["label"].tolist() for batch in loader(cfg, batch_size, **where)]
 
 
 def flat(batches) -> list[int]:
@@ -34,7 +38,7 @@ def flat(batches) -> list[int]:
 
 
 def test_batches_hold_clips_and_frame_fields(index_shards):
-    batch = next(iter(make_loader(config(index_shards, batch_size=3))))
+    batch = next(iter(loader(config(index_shards), 3)))
     assert batch["video"].shape == (3, 4, 3, 8, 32) and batch["video"].dtype == torch.float32
     assert batch["video"].min() >= -1 and batch["video"].max() <= 1
     assert batch["label"].dtype == torch.long and batch["actions"].shape == (3, 4, 1)
@@ -45,8 +49,8 @@ def test_batches_hold_clips_and_frame_fields(index_shards):
 
 
 def test_uint8_pixels_are_the_same_clips(index_shards):
-    as_float = next(iter(make_loader(config(index_shards, num_workers=2))))
-    as_uint8 = next(iter(make_loader(config(index_shards, num_workers=2, pixels="uint8"))))
+    as_float = next(iter(loader(config(index_shards, num_workers=2))))
+    as_uint8 = next(iter(loader(config(index_shards, num_workers=2, pixels="uint8"))))
     assert as_uint8["video"].dtype == torch.uint8 and as_uint8["video"].shape == as_float["video"].shape
     video = to_float(as_uint8["video"])
     assert video.is_contiguous() and torch.equal(video, as_float["video"])
@@ -70,9 +74,7 @@ def test_uneven_shards_give_every_rank_the_same_number_of_batches(tmp_path, worl
         cfg = config(data, num_workers=workers)
         counts = [len(labels(cfg, rank=rank, world_size=world_size)) for rank in range(world_size)]
         assert counts == [total // (world_size * 2)] * world_size
-        assert [
-            len(make_loader(cfg, rank=rank, world_size=world_size)) for rank in range(world_size)
-        ] == counts
+        assert [len(loader(cfg, rank=rank, world_size=world_size)) for rank in range(world_size)] == counts
 
 
 def test_fewer_shards_than_slots_split_by_sample(tmp_path):
@@ -97,7 +99,7 @@ def test_same_seed_same_order(index_shards):
 
 def test_clip_content_is_deterministic(index_shards):
     cfg = config(index_shards, num_workers=2, crop="random", size=6)
-    first, again = (list(make_loader(cfg)) for _ in range(2))
+    first, again = (list(loader(cfg)) for _ in range(2))
     for a, b in zip(first, again, strict=True):
         assert torch.equal(a["video"], b["video"]) and torch.equal(a["actions"], b["actions"])
 
@@ -105,15 +107,15 @@ def test_clip_content_is_deterministic(index_shards):
 @pytest.mark.parametrize("start", [1, 3, 4])
 def test_resume_continues_the_epoch(index_shards, start):
     cfg = config(index_shards, num_workers=2, shuffle_buffer=5)
-    full = list(make_loader(cfg, rank=1, world_size=2, epoch=2))
-    resumed = make_loader(cfg, rank=1, world_size=2, epoch=2, start=start)
+    full = list(loader(cfg, rank=1, world_size=2, epoch=2))
+    resumed = loader(cfg, rank=1, world_size=2, epoch=2, start=start)
     assert len(resumed) == len(full) - start
     rest = list(resumed)
     assert [b["label"].tolist() for b in rest] == [b["label"].tolist() for b in full[start:]]
     for a, b in zip(rest, full[start:], strict=True):
         assert torch.equal(a["video"], b["video"]) and torch.equal(a["actions"], b["actions"])
     with pytest.raises(ValueError, match="outside the epoch"):
-        make_loader(cfg, rank=1, world_size=2, start=len(full) + 1)
+        loader(cfg, rank=1, world_size=2, start=len(full) + 1)
 
 
 def test_resampled_mode(index_shards, tmp_path):
@@ -136,9 +138,7 @@ def test_resampled_mode(index_shards, tmp_path):
     ],
 )
 def test_frame_stride_fps_and_start(index_shards, options, first, step):
-    batch = next(
-        iter(make_loader(config(index_shards, clip_frames=3, **options)))
-    )  # videos: 8 frames at 8 fps
+    batch = next(iter(loader(config(index_shards, clip_frames=3, **options))))  # videos: 8 frames at 8 fps
     frames = batch["actions"][..., 0]  # [B, T] frame indices
     expected = frames[:, :1] + torch.floor(torch.arange(3) * step + 1e-6)
     assert (frames == expected).all()
@@ -200,7 +200,7 @@ def bad_shards(tmp_path) -> tuple[list[str], int]:
 def test_bad_samples_are_skipped_and_counted(tmp_path, caplog):
     shards, bad = bad_shards(tmp_path)
     with caplog.at_level(logging.WARNING, logger="dforce.data"):
-        batches = list(make_loader(config(shards, shuffle=False, batch_size=3)))  # one pass over 15 samples
+        batches = list(loader(config(shards, shuffle=False), 3))  # one pass over 15 samples
     assert len(batches) == 5 and sum(batch["skipped"] for batch in batches) == bad
     assert all(
         batch["video"].shape == (3, 4, 3, 8, 32) and batch["label"].tolist() == [1] * 3 for batch in batches
@@ -208,7 +208,7 @@ def test_bad_samples_are_skipped_and_counted(tmp_path, caplog):
     reasons = " | ".join(caplog.messages)
     for reason in ["unreadable", "too short: 2 frames", "no video", "bad json", "actions has 3 rows"]:
         assert reason in reasons
-    batches = list(make_loader(config(shards, batch_size=3, num_workers=2)))
+    batches = list(loader(config(shards, num_workers=2), 3))
     assert len(batches) == 5 and all(batch["video"].shape[0] == 3 for batch in batches)
 
 
@@ -224,7 +224,7 @@ def test_a_batch_of_bad_samples_borrows_the_next_good_one(tmp_path):
     with ShardSink(tmp_path) as sink:
         for i in range(4):
             sink.write({"__key__": f"k{i}", "mp4": b"junk" if i < 2 else good, "json": {"label": i}})
-    batches = labels(config(sink.shards, shuffle=False, batch_size=2))
+    batches = labels(config(sink.shards, shuffle=False), 2)
     assert batches == [[2, 2], [2, 3]]
 
 
@@ -233,7 +233,7 @@ def test_all_bad_samples_is_an_error_naming_the_shards(tmp_path):
         for i in range(4):
             sink.write({"__key__": f"k{i}", "mp4": b"junk"})
     with pytest.raises(ValueError, match=r"no decodable sample among 4 in a row in .*/train-000000\.tar"):
-        list(make_loader(config(sink.shards)))
+        list(loader(config(sink.shards)))
 
 
 def test_empty_and_missing_shards_are_errors(tmp_path):
@@ -243,9 +243,9 @@ def test_empty_and_missing_shards_are_errors(tmp_path):
     with pytest.raises(ValueError, match=r"shard not found: .*a-000001\.tar"):
         expand_shards(str(tmp_path / "a-{000000..000001}.tar"))
     with pytest.raises(ValueError, match=r"no samples in the shards .*a-000000\.tar"):
-        make_loader(config(str(tmp_path / "a-000000.tar")))
+        loader(config(str(tmp_path / "a-000000.tar")))
     with pytest.raises(ValueError, match="make no batch of 2 on each of 4 ranks"):
-        make_loader(config(write_index_shards(tmp_path / "few", shards=1, per_shard=7)), world_size=4)
+        loader(config(write_index_shards(tmp_path / "few", shards=1, per_shard=7)), world_size=4)
 
 
 def test_shard_patterns_and_urls(index_shards, tmp_path):
@@ -254,7 +254,7 @@ def test_shard_patterns_and_urls(index_shards, tmp_path):
     assert expand_shards(f"{folder}/train-*.tar") == index_shards
     assert expand_shards(f"{index_shards[1]}::{index_shards[0]}") == index_shards[1::-1]
     with pytest.raises(ValueError, match="set samples_per_epoch"):
-        make_loader(config("https://example.invalid/train-000000.tar"))
+        loader(config("https://example.invalid/train-000000.tar"))
     piped = config([f"pipe:cat {shard}" for shard in index_shards], samples_per_epoch=24, shuffle=False)
     assert flat(labels(piped)) == list(range(24))
 
@@ -267,7 +267,7 @@ def test_latent_samples_are_scaled(tmp_path):
     with ShardSink(tmp_path) as sink:
         for i in range(2):
             sink.write({"__key__": f"k{i}", "latent.npy": buffer.getvalue(), "json": record})
-    batch = next(iter(make_loader(config(sink.shards, clip_frames=3, clip_start=2, shuffle=False))))
+    batch = next(iter(loader(config(sink.shards, clip_frames=3, clip_start=2, shuffle=False))))
     assert batch["latent"] and batch["video"].shape == (2, 3, 4, 2, 2)
     expected = (torch.from_numpy(latent[2:5]).float() - 0.1) * 0.5
     assert torch.allclose(batch["video"][0], expected) and batch["actions"][0, :, 0].tolist() == [2, 3, 4]

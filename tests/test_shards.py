@@ -101,10 +101,8 @@ def test_labels_csv(videos, tmp_path):
 def test_shards_round_trip_through_the_loader(videos, tmp_path):
     good = [p for p in videos.good if p.suffix == ".mp4" and p.name != "e.mp4"]  # H.264 4:4:4, 16x32
     shards = make_shards(good, tmp_path).shards
-    config = DataConfig(
-        shards=shards, clip_frames=12, clip_start=0, batch_size=2, num_workers=0, shuffle=False
-    )
-    (batch,) = list(make_loader(config))
+    config = DataConfig(shards=shards, clip_frames=12, clip_start=0, num_workers=0, shuffle=False)
+    (batch,) = list(make_loader(config, batch_size=2))
     assert batch["video"].shape == (2, 12, 3, 16, 32) and batch["skipped"] == 0
     assert "label" not in batch and "actions" not in batch  # a.mp4 has them, b.mp4 not
     for key, video in zip(batch["key"], batch["video"], strict=True):

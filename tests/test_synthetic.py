@@ -71,10 +71,8 @@ def test_make_synthetic_shards_feed_the_loader(tmp_path, capsys):
     samples = list(read_samples(str(tmp_path / "train-000000.tar")))
     record = json.loads(samples[0]["json"])
     assert len(samples) == 6 and np.array(record["states"]).shape == (10, 3, 4) and record["fps"] == 10
-    config = DataConfig(
-        str(tmp_path / "train-*.tar"), clip_frames=4, clip_start=2, batch_size=3, num_workers=0
-    )
-    batch = next(iter(make_loader(config)))
+    config = DataConfig(str(tmp_path / "train-*.tar"), clip_frames=4, clip_start=2, num_workers=0)
+    batch = next(iter(make_loader(config, batch_size=3)))
     assert batch["video"].shape == (3, 4, 3, 32, 32) and batch["states"].shape == (3, 4, 3, 4)
     for key, clip, states in zip(batch["key"], batch["video"], batch["states"], strict=True):
         frames, record = bouncing_balls(int(key.split("_")[1]), frames=10, size=32, seed=0)

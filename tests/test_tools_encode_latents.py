@@ -49,8 +49,8 @@ def test_image_autoencoder_latents_round_trip(index_shards, tmp_path, capsys):
     )
     assert record["latent"]["shape"] == [8, 4, 8, 8] and len(record["actions"]) == 8
 
-    config = DataConfig(str(tmp_path / "latents/train-*.tar"), clip_frames=4, clip_start=1, batch_size=3)
-    batch = next(iter(make_loader(config)))
+    config = DataConfig(str(tmp_path / "latents/train-*.tar"), clip_frames=4, clip_start=1)
+    batch = next(iter(make_loader(config, batch_size=3)))
     assert batch["latent"] and batch["video"].shape == (3, 4, 4, 8, 8)
     assert batch["actions"][:, :, 0].tolist() == [[1, 2, 3, 4]] * 3
     # The loader's clip equals the autoencoder's scaled posterior mean of the same frames.
@@ -70,7 +70,7 @@ def test_video_autoencoder_compresses_time(tmp_path, index_shards):
     latent = np.load(io.BytesIO(sample["latent.npy"]), allow_pickle=False)
     assert latent.shape == (3, 4, 4, 16) and latent.dtype == np.float16  # 8 frames -> 3, 8x32 -> 4x16
     assert "actions" not in record and record["latent"]["latents_std"] == [2.0, 2.0, 4.0, 4.0]
-    batch = next(iter(make_loader(DataConfig(summary.shards, clip_frames=3, batch_size=1, shuffle=False))))
+    batch = next(iter(make_loader(DataConfig(summary.shards, clip_frames=3, shuffle=False), batch_size=1)))
     mean, std = torch.tensor([0.1, 0.2, 0.3, 0.4]).view(-1, 1, 1), torch.tensor([2.0, 2, 4, 4]).view(-1, 1, 1)
     assert torch.allclose(batch["video"][0], (torch.from_numpy(latent).float() - mean) / std)
 

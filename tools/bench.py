@@ -114,9 +114,7 @@ def bench_data(args: argparse.Namespace) -> list[dict]:
                     )
                     sink.write({"__key__": f"{i:06d}", "mp4": video, "json": {"fps": 25}})
             files = [sample["mp4"] for sample in read_samples(sink.shards)]
-            config = DataConfig(
-                sink.shards, clip_frames=args.frames, batch_size=args.batch_size, num_workers=0
-            )
+            config = DataConfig(sink.shards, clip_frames=args.frames, num_workers=0)
             configs = {"loader": config, "loader uint8": dataclasses.replace(config, pixels="uint8")}
 
             def plain_decord(files=files) -> int:
@@ -130,7 +128,7 @@ def bench_data(args: argparse.Namespace) -> list[dict]:
             runs = {"decord": plain_decord}
             for name, loader_config in configs.items():
                 runs[name] = lambda config=loader_config: sum(
-                    len(batch["key"]) for batch in make_loader(config)
+                    len(batch["key"]) for batch in make_loader(config, batch_size=args.batch_size)
                 )
             rates = best_rates(runs, args.repeat)
             common = {"size": f"{size}x{size}", "frames": args.frames}
