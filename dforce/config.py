@@ -1,0 +1,218 @@
+"""Training configs: a dataclass tree filled from a YAML file, then from `dotted.key=value` overrides.
+
+Every key is checked against the tree: an unknown key, a wrong type or a missing file raises
+`ConfigError`, whose one-line message names the file and the key. The `model` section is checked
+against `CausalVideoTransformer.__init__` itself, so its keys are the model's own argument names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dforce.data import DataConfig
+from dforce.model import CausalVideoTransformer
+from dforce.noise import NoiseConfig
+
+
+class ConfigError(ValueError):
+    """A config problem, said in one line that names the file and the key."""
+
+
+@dataclass
+class TrajectoryConfig:
+    """Which paths through the noise-level cube the loss weights (`dforce.trajectory.get_weighting`)."""
+
+    name: str = "paths"  # independent | paths | teacher | sync | schedule:NAME | mixture
+    cube_levels: int | None = None
+    options: dict[str, Any] = field(default_factory=dict)  # e.g. components: {paths: 0.5, teacher: 0.5}
+
+
+@dataclass
+class LossConfig:
+    level_weight: str = "simple"  # simple | elbo | min_snr | sigmoid (`NoiseSchedule.loss_weight`)
+    level_weight_options: dict[str, float] = field(default_factory=dict)
+    teacher_layout: bool = True  # `teacher` weighting: train every frame of the staircase in one forward
+    drop_history: float = 0.0  # chance a clip's context frames are replaced by pure noise (history guidance)
+    drop_labels: float = 0.0  # chance a clip's label is replaced by the null label (classifier-free guidance)
+
+    def __post_init__(self) -> None:
+        for key in ("drop_history", "drop_labels"):
+            if not 0 <= getattr(self, key) <= 1:
+                raise ValueError(f"{key} must lie in [0, 1], got {getattr(self, key)}")
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int
+    checkpoint_every: int
+    batch_size: int  # clips per process and micro-step
+    gradient_accumulation: int = 1
+    lr: float = 1e-4
+    lr_scheduler: str = "constant_with_warmup"  # any `diffusers.optimization.get_scheduler` name
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.99)
+    max_grad_norm: float = 1.0
+    ema_decay: float = 0.999
+    mixed_precision: str = "no"  # no | fp16 | bf16
+    gradient_checkpointing: bool = False
+    attention_backend: str = "auto"  # auto | flex | sdpa
+    compile: bool | None = None  # regional torch.compile; None: on CUDA only
+    keep_checkpoints: int = 3
+    max_bad_steps: int = 5  # non-finite losses in a row before the run stops
+    log_every: int = 10
+    trackers: list[str] = field(default_factory=lambda: ["tensorboard"])
+
+    def __post_init__(self) -> None:
+        for key in ("max_steps", "checkpoint_every", "batch_size", "gradient_accumulation", "log_every"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise ValueError(f"mixed_precision must be no, fp16 or bf16, got {self.mixed_precision!r}")
+        if self.attention_backend not in ("auto", "flex", "sdpa"):
+            raise ValueError(f"attention_backend must be auto, flex or sdpa, got {self.attention_backend!r}")
+        if self.keep_checkpoints < 1 or self.max_bad_steps < 1:
+            raise ValueError("keep_checkpoints and max_bad_steps must be >= 1")
+
+
+@dataclass
+class ValidationConfig:
+    """Held-out loss per weighting, and rollouts from held-out context frames."""
+
+    shards: str | list[str] | None = None  # None: no validation
+    every: int = 500  # steps; also at the end
+    batches: int = 4
+    weightings: list[str] = field(default_factory=lambda: ["paths", "teacher", "sync"])
+    rollout_clips: int = 2  # rollouts written as GIF/MP4; 0 for none
+    context_frames: int = 4
+    rollout_frames: int = 32
+    sampling_steps: int = 10
+    scheduling: str = "autoregressive"
+
+
+@dataclass
+class Config:
+    output_dir: str
+    seed: int
+    train: TrainConfig
+    data: DataConfig
+    trajectory: TrajectoryConfig = field(default_factory=TrajectoryConfig)
+    noise: NoiseConfig = field(default_factory=NoiseConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    model: dict[str, Any] = field(default_factory=dict)  # CausalVideoTransformer arguments
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read `path`, apply `key.sub=value` overrides (values parsed as YAML), check and build the tree."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read config ({error.strerror or error})") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {str(error).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a config must be a mapping of keys, got {type(raw).__name__}")
+    for override in overrides:
+        key, eq, text = override.partition("=")
+        if not eq or not key:
+            raise ConfigError(f"override {override!r} is not key=value (e.g. train.max_steps=200)")
+        *parents, leaf = key.split(".")
+        node = raw
+        for depth, part in enumerate(parents):
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {override!r}: {'.'.join(parents[: depth + 1])} is not a section")
+        node[leaf] = yaml.safe_load(text) if text else None
+    try:
+        return _build(Config, raw, "")
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None
+
+
+def model_kwargs(config: Config) -> dict[str, Any]:
+    """The model section with its implied defaults: the horizon is the clip length of the data."""
+    return {"num_frames": config.data.clip_frames, **config.model}
+
+
+def _build(cls: type, raw: Any, where: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where.rstrip('.') or 'config'}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in raw.items():
+        if key not in fields:
+            raise ConfigError(f"{where}{key}: unknown key; valid keys: {', '.join(fields)}")
+        kwargs[key] = _coerce(value, hints[key], f"{where}{key}")
+    missing = [f"{where}{name}" for name, f in fields.items() if _required(f) and name not in kwargs]
+    if missing:
+        raise ConfigError(f"missing required key(s): {', '.join(missing)}")
+    if cls is Config:
+        kwargs["model"] = _check_model(kwargs.get("model", {}))
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"{where.rstrip('.') or 'config'}: {error}") from None
+
+
+def _required(f: dataclasses.Field) -> bool:
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+
+
+def _check_model(raw: dict[str, Any]) -> dict[str, Any]:
+    signature = inspect.signature(CausalVideoTransformer.__init__)
+    hints = typing.get_type_hints(CausalVideoTransformer.__init__)
+    valid = [name for name in signature.parameters if name != "self"]
+    checked = {}
+    for key, value in raw.items():
+        if key not in valid:
+            raise ConfigError(f"model.{key}: unknown key; valid keys: {', '.join(valid)}")
+        checked[key] = _coerce(value, hints[key], f"model.{key}")
+    return checked
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """`value` as type `hint`, or a ConfigError naming `key`. Ints pass as floats; lists as tuples."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return value
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, f"{key}.")
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arm in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arm, key)
+            except ConfigError:
+                continue
+    elif origin in (list, tuple) and isinstance(value, (list, tuple)):
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"{key}: expected {len(args)} values, got {value!r}")
+            return tuple(
+                _coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True))
+            )
+        items = [_coerce(v, args[0] if args else Any, f"{key}[{i}]") for i, v in enumerate(value)]
+        return items if origin is list else tuple(items)
+    elif origin is dict and isinstance(value, dict):
+        return {str(k): _coerce(v, args[1] if args else Any, f"{key}.{k}") for k, v in value.items()}
+    elif hint is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        try:
+            return float(value)  # YAML reads 1e-4 (no dot) as a string
+        except ValueError:
+            pass
+    elif hint in (int, str, bool) and type(value) is hint:
+        return value
+    name = getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+    raise ConfigError(f"{key}: expected {name}, got {value!r}")

@@ -1,0 +1,103 @@
+"""The denoising loss: a trajectory weighting picks the state and the frame weights, the noise schedule
+noises the clip, and each frame's error is weighted by its edge weight times the per-level weight.
+
+Everything random comes from `seed`, so a step's loss is a function of (weights, batch, seed): the
+trainer seeds it by (run seed, step, rank, micro-step) and a resumed run repeats an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from dforce.noise import NoiseSchedule
+from dforce.trajectory import Teacher, Weighting
+
+
+@dataclass
+class LossOutput:
+    loss: Tensor  # [] the weighted loss, to backpropagate
+    error: Tensor  # [B, T] detached: per-frame mean squared error times the per-level weight
+    levels: Tensor  # [B, T] the state each clip was trained at (the noisy half, in the teacher layout)
+    trained: Tensor  # [B, T] bool: frames that carry loss (weight > 0)
+
+
+class DenoisingLoss:
+    """Expected edge KL of a trajectory weighting, up to the per-level weight's scale (seed 000).
+
+    With the `teacher` weighting on a model of one frame per block, the staircase states of all frames
+    are trained in one forward through the model's teacher-forcing layout (clean clip as context, frame
+    j at its own level): each frame gets weight 1/n, which is the weighting's expectation over the
+    staircase position, so the loss has the same scale as drawing one position per clip.
+    """
+
+    def __init__(
+        self,
+        schedule: NoiseSchedule,
+        parameterization: str,
+        weighting: Weighting,
+        level_weight: str = "simple",
+        level_weight_options: dict | None = None,
+        teacher_layout: bool = True,
+        drop_history: float = 0.0,
+        drop_labels: float = 0.0,
+    ) -> None:
+        self.schedule, self.parameterization, self.weighting = schedule, parameterization, weighting
+        self.level_weight, self.level_weight_options = level_weight, dict(level_weight_options or {})
+        self.teacher_layout = teacher_layout and isinstance(weighting, Teacher)
+        self.drop_history, self.drop_labels = drop_history, drop_labels
+        one = torch.ones(1, 1, dtype=torch.long)
+        schedule.loss_weight(level_weight, one, parameterization, **self.level_weight_options)  # checks names
+
+    def __call__(
+        self,
+        model: nn.Module,
+        x0: Tensor,
+        seed: int,
+        labels: Tensor | None = None,
+        actions: Tensor | None = None,
+    ) -> LossOutput:
+        """x0 [B, T, C, H, W] clean clips (labels [B], actions [B, T, A] if the model takes them)."""
+        batch, frames, device = x0.shape[0], x0.shape[1], x0.device
+        if frames != self.weighting.frames:
+            raise ValueError(
+                f"clips have {frames} frames but the weighting was built for {self.weighting.frames}"
+            )
+        cpu = torch.Generator().manual_seed(seed)
+        noise_generator = torch.Generator(device).manual_seed(seed)
+        schedule = self.schedule.to(device)
+        if self.teacher_layout:
+            levels = torch.randint(1, schedule.levels + 1, (batch, frames), generator=cpu)  # [B, T]
+            weights = torch.full((batch, frames), 1.0 / frames)
+        else:
+            levels, weights = self.weighting.sample(batch, cpu)  # [B, T] each
+        drop_history = torch.rand(batch, generator=cpu) < self.drop_history  # [B]
+        drop_labels = torch.rand(batch, generator=cpu) < self.drop_labels  # [B]
+        levels, weights = levels.to(device), weights.to(device)
+        if labels is not None and self.drop_labels > 0:
+            labels = torch.where(drop_labels.to(device), model.config.num_classes, labels)
+        extra = {"labels": labels, "actions": actions}
+        noise = torch.randn(x0.shape, generator=noise_generator, device=device, dtype=x0.dtype)
+        if self.teacher_layout:
+            # History dropped: the context is the clip at level K (pure noise) instead of clean.
+            context_levels = torch.where(drop_history[:, None].to(device), schedule.levels, 0)
+            context_levels = context_levels.expand(-1, frames)  # [B, T]
+            context_noise = torch.randn(x0.shape, generator=noise_generator, device=device, dtype=x0.dtype)
+            context = schedule.add_noise(x0, context_noise, context_levels)
+            extra.update(context=context, context_timesteps=schedule.timesteps(context_levels))
+        else:
+            # History dropped: the frames that carry no loss (the context) go to level K.
+            history = drop_history[:, None].to(device) & (weights == 0)  # [B, T]
+            levels = torch.where(history, schedule.levels, levels)
+        x_t = schedule.add_noise(x0, noise, levels)
+        pred = model(x_t, schedule.timesteps(levels), **extra)  # [B, T, C, H, W]
+
+        target = schedule.target(x0, noise, levels, self.parameterization)
+        level_weight = schedule.loss_weight(
+            self.level_weight, levels, self.parameterization, **self.level_weight_options
+        ).float()  # [B, T]
+        error = (pred.float() - target.float()).square().mean(dim=(2, 3, 4)) * level_weight  # [B, T]
+        loss = (error * weights).sum(1).mean()
+        return LossOutput(loss=loss, error=error.detach(), levels=levels, trained=weights > 0)

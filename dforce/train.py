@@ -1,0 +1,363 @@
+"""`dforce train CONFIG [key=value ...]`: the Accelerate training loop.
+
+Reads top to bottom: build, resume, then per step `gradient_accumulation` micro-batches, clip, skip the
+step if the gradient is not finite, optimiser, EMA, log, validate, checkpoint. Rerunning the same
+command resumes from the newest readable checkpoint; every random draw of a step comes from
+(seed, step, rank, micro-step), and the data position from the step, so the resumed run is the
+uninterrupted one. Multi-process: `accelerate launch -m dforce train CONFIG` (see the README).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from tqdm.auto import tqdm
+
+from dforce.config import Config, model_kwargs
+from dforce.data import make_loader, to_float
+from dforce.loss import DenoisingLoss, LossOutput
+from dforce.model import CausalVideoTransformer
+from dforce.trajectory import get_weighting
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+MODEL = "model"
+LEVEL_BINS = 10
+
+
+@dataclasses.dataclass
+class TrainState:
+    """Counters saved with every checkpoint (registered with the Accelerator)."""
+
+    step: int = 0  # optimiser steps taken, skipped ones included
+    nonfinite_steps: int = 0  # steps skipped because the loss or gradient was not finite
+    bad_in_a_row: int = 0
+    skipped_samples: int = 0  # undecodable samples replaced in batches
+
+    def state_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
+
+class NonFiniteLoss(RuntimeError):
+    """Too many non-finite steps in a row; the last good checkpoint is kept."""
+
+
+def step_seed(*keys: int) -> int:
+    """A 63-bit seed from (seed, step, rank, micro-step, ...): independent streams, no global RNG."""
+    return int(np.random.SeedSequence(list(keys)).generate_state(1, np.uint64)[0] >> 1)
+
+
+def train(config: Config) -> Path:
+    """Train (or resume) `config`; return the exported EMA model directory."""
+    cfg, output = config.train, Path(config.output_dir)
+    accelerator = Accelerator(
+        mixed_precision=cfg.mixed_precision,
+        gradient_accumulation_steps=cfg.gradient_accumulation,
+        log_with=cfg.trackers or None,
+        project_config=ProjectConfiguration(project_dir=str(output), logging_dir=str(output / "logs")),
+    )
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+
+    torch.manual_seed(config.seed)  # the same initial weights on every process
+    model = CausalVideoTransformer(**model_kwargs(config))
+    model.attention_backend = cfg.attention_backend
+    if cfg.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    if cfg.compile if cfg.compile is not None else device.type == "cuda":
+        model.compile_repeated_blocks(fullgraph=True)
+    ema = EMAModel(model.parameters(), decay=cfg.ema_decay, foreach=True)
+    optimizer = torch.optim.AdamW(
+        model.parameters(),
+        lr=cfg.lr,
+        betas=cfg.betas,
+        weight_decay=cfg.weight_decay,
+        fused=device.type == "cuda",
+    )
+    # The prepared scheduler steps once per process per optimiser step (Accelerate's convention).
+    lr_scheduler = get_scheduler(
+        cfg.lr_scheduler,
+        optimizer,
+        num_warmup_steps=cfg.warmup_steps * world,
+        num_training_steps=cfg.max_steps * world,
+    )
+    model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+    ema.to(device)
+    state = TrainState()
+    accelerator.register_for_checkpointing(ema, state)
+    resumed = resume(accelerator, output / CHECKPOINTS)
+    if accelerator.is_main_process:
+        output.mkdir(parents=True, exist_ok=True)
+        (output / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
+    if resumed:
+        accelerator.print(f"resumed from {resumed} at step {state.step}")
+
+    loss_fn = make_loss(config, config.trajectory.name)
+    meter = Meter(loss_fn.schedule.levels, device)
+    batches = clip_batches(config, rank, world, consumed=state.step * cfg.gradient_accumulation)
+    accelerator.init_trackers("dforce", config=flat_config(config))
+    progress = tqdm(
+        total=cfg.max_steps, initial=state.step, desc="train", disable=not accelerator.is_main_process
+    )
+    tick, tick_step = time.perf_counter(), state.step
+    while state.step < cfg.max_steps:
+        model.train()
+        for micro in range(cfg.gradient_accumulation):
+            batch = next(batches)
+            x0 = to_float(batch["video"].to(device, non_blocking=True))  # [B, T, C, H, W]
+            with accelerator.accumulate(model):
+                out = loss_fn(
+                    model,
+                    x0,
+                    seed=step_seed(config.seed, state.step, rank, micro),
+                    labels=batch["label"].to(device) if "label" in batch else None,
+                    actions=batch["actions"].to(device) if "actions" in batch else None,
+                )
+                accelerator.backward(out.loss)
+            meter.add(out, int(batch["skipped"]))
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        if torch.isfinite(grad_norm):  # the step's one host sync: a NaN loss makes the norm NaN
+            optimizer.step()
+            ema.step(model.parameters())
+            state.bad_in_a_row = 0
+        else:
+            state.nonfinite_steps += 1
+            state.bad_in_a_row += 1
+        lr_scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        progress.update()
+        if state.bad_in_a_row >= cfg.max_bad_steps:
+            latest = list_checkpoints(output / CHECKPOINTS)
+            raise NonFiniteLoss(
+                f"stopped at step {state.step}: {state.bad_in_a_row} non-finite losses in a row "
+                f"(lower train.lr or check the data); the last good checkpoint is "
+                f"{latest[-1] if latest else 'none (no checkpoint was written yet)'}"
+            )
+
+        if state.step % cfg.log_every == 0 or state.step == cfg.max_steps:
+            logs = meter.flush(accelerator, state)
+            elapsed, tick = time.perf_counter() - tick, time.perf_counter()
+            samples = (state.step - tick_step) * cfg.gradient_accumulation * cfg.batch_size * world
+            tick_step = state.step
+            logs.update(
+                grad_norm=float(grad_norm),
+                lr=lr_scheduler.get_last_lr()[0],
+                samples_per_s=samples / elapsed,
+            )
+            accelerator.log(logs, step=state.step)
+            progress.set_postfix(loss=f"{logs['loss']:.4f}", refresh=False)
+        last = state.step == cfg.max_steps
+        if config.validation.shards and (state.step % config.validation.every == 0 or last):
+            with ema_weights(ema, model):
+                accelerator.log(validate(config, model, accelerator), step=state.step)
+        if state.step % cfg.checkpoint_every == 0 or last:
+            save_checkpoint(accelerator, output / CHECKPOINTS, state.step, cfg.keep_checkpoints)
+            export_model(accelerator, model, ema, config, output / MODEL)
+    progress.close()
+    accelerator.end_training()
+    return output / MODEL
+
+
+def make_loss(config: Config, weighting: str) -> DenoisingLoss:
+    options = {"cube_levels": config.trajectory.cube_levels, **config.trajectory.options}
+    return DenoisingLoss(
+        config.noise.build(),
+        config.noise.parameterization,
+        get_weighting(weighting, config.data.clip_frames, config.noise.levels, **options),
+        level_weight=config.loss.level_weight,
+        level_weight_options=config.loss.level_weight_options,
+        teacher_layout=config.loss.teacher_layout and model_kwargs(config).get("frames_per_block", 1) == 1,
+        drop_history=config.loss.drop_history,
+        drop_labels=config.loss.drop_labels,
+    )
+
+
+def clip_batches(config: Config, rank: int, world: int, consumed: int) -> Iterator[dict]:
+    """This rank's batches without end, starting after the first `consumed` (epoch after epoch)."""
+    size = config.train.batch_size
+    per_epoch = len(make_loader(config.data, batch_size=size, rank=rank, world_size=world))
+    epoch, start = divmod(consumed, per_epoch)
+    while True:
+        yield from make_loader(
+            config.data,
+            batch_size=size,
+            rank=rank,
+            world_size=world,
+            epoch=epoch,
+            start=start,
+            pin_memory=torch.cuda.is_available(),
+        )
+        epoch, start = epoch + 1, 0
+
+
+class Meter:
+    """Sums on the device between log steps, so the loop never waits for the loss."""
+
+    def __init__(self, levels: int, device: torch.device) -> None:
+        self.levels, self.device = levels, device
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss = torch.zeros((), device=self.device)
+        self.count = 0
+        self.bin_sum = torch.zeros(LEVEL_BINS, device=self.device)
+        self.bin_count = torch.zeros(LEVEL_BINS, device=self.device)
+        self.skipped = 0
+
+    def add(self, out: LossOutput, skipped: int) -> None:
+        self.loss += out.loss.detach().float()
+        self.count += 1
+        bins = ((out.levels - 1).clamp(min=0) * LEVEL_BINS // self.levels)[out.trained]  # [N]
+        self.bin_sum.index_add_(0, bins, out.error[out.trained])
+        self.bin_count.index_add_(0, bins, torch.ones_like(out.error[out.trained]))
+        self.skipped += skipped
+
+    def flush(self, accelerator: Accelerator, state: TrainState) -> dict[str, float]:
+        sums = torch.cat([self.loss[None] / max(self.count, 1), self.bin_sum, self.bin_count])
+        sums = torch.cat([sums, torch.tensor([float(self.skipped)], device=self.device)])
+        sums = accelerator.reduce(sums, reduction="sum").tolist()
+        world = accelerator.num_processes
+        state.skipped_samples += int(sums[-1])
+        logs = {"loss": sums[0] / world, "skipped_samples": state.skipped_samples}
+        logs["nonfinite_steps"] = state.nonfinite_steps
+        for b in range(LEVEL_BINS):
+            total, count = sums[1 + b], sums[1 + LEVEL_BINS + b]
+            if count:
+                logs[f"loss_by_level/{b / LEVEL_BINS:.1f}-{(b + 1) / LEVEL_BINS:.1f}"] = total / count
+        self.reset()
+        return logs
+
+
+class ema_weights:
+    """Swap the EMA weights into the model for the duration of a block (validation)."""
+
+    def __init__(self, ema: EMAModel, model: torch.nn.Module) -> None:
+        self.ema, self.params = ema, list(model.parameters())
+
+    def __enter__(self) -> None:
+        self.ema.store(self.params)
+        self.ema.copy_to(self.params)
+
+    def __exit__(self, *exc) -> None:
+        self.ema.restore(self.params)
+
+
+@torch.no_grad()
+def validate(config: Config, model: torch.nn.Module, accelerator: Accelerator) -> dict[str, float]:
+    """Held-out loss per weighting, on the same batches and seeds every time."""
+    val = config.validation
+    data = dataclasses.replace(config.data, shards=val.shards, shuffle=False, resampled=False)
+    model.eval()
+    logs = {}
+    for name in val.weightings:
+        loss_fn = make_loss(config, name)
+        total = torch.zeros((), device=accelerator.device)
+        loader = make_loader(
+            data,
+            batch_size=config.train.batch_size,
+            rank=accelerator.process_index,
+            world_size=accelerator.num_processes,
+        )
+        count = 0
+        for i, batch in zip(range(val.batches), loader, strict=False):
+            x0 = to_float(batch["video"].to(accelerator.device))
+            labels = batch["label"].to(accelerator.device) if "label" in batch else None
+            actions = batch["actions"].to(accelerator.device) if "actions" in batch else None
+            total += loss_fn(model, x0, step_seed(config.seed, i), labels=labels, actions=actions).loss
+            count += 1
+        logs[f"val/loss_{name}"] = accelerator.reduce(total / max(count, 1), reduction="mean").item()
+    model.train()
+    return logs
+
+
+def list_checkpoints(directory: Path) -> list[Path]:
+    """Finished checkpoints, oldest first (unfinished ones are hidden `.tmp-*` directories)."""
+    found = [p for p in directory.glob("step_*") if p.is_dir() and p.name[5:].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+def resume(accelerator: Accelerator, directory: Path) -> Path | None:
+    """Load the newest checkpoint that loads; a damaged one is skipped with a warning."""
+    checkpoints = list_checkpoints(directory)
+    for checkpoint in reversed(checkpoints):
+        try:
+            accelerator.load_state(str(checkpoint))
+            return checkpoint
+        except Exception as error:  # any unreadable file: safetensors, pickle, shapes, missing files
+            logger.warning("checkpoint %s cannot be loaded (%s); trying the one before", checkpoint, error)
+            accelerator.print(f"warning: checkpoint {checkpoint} is damaged ({error}); using the one before")
+    if checkpoints:
+        raise RuntimeError(
+            f"none of the {len(checkpoints)} checkpoints in {directory} can be loaded; "
+            "was the config changed? Move them away to start afresh"
+        )
+    return None
+
+
+def save_checkpoint(accelerator: Accelerator, directory: Path, step: int, keep: int) -> Path:
+    """`accelerator.save_state` into a hidden directory, renamed when complete; keep the newest `keep`."""
+    final, partial = directory / f"step_{step:08d}", directory / f".tmp-step_{step:08d}"
+    if accelerator.is_main_process:
+        shutil.rmtree(partial, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(partial))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(final, ignore_errors=True)
+        partial.rename(final)
+        for old in list_checkpoints(directory)[:-keep]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def export_model(
+    accelerator: Accelerator, model: torch.nn.Module, ema: EMAModel, config: Config, directory: Path
+) -> None:
+    """The EMA weights as a diffusers model directory plus `noise.json`, replaced atomically."""
+    with ema_weights(ema, model):
+        if accelerator.is_main_process:
+            partial = directory.with_name(f".tmp-{directory.name}")
+            shutil.rmtree(partial, ignore_errors=True)
+            accelerator.unwrap_model(model).save_pretrained(partial)
+            config.noise.save(partial)
+            old = directory.with_name(f".old-{directory.name}")
+            if directory.exists():
+                directory.rename(old)
+            partial.rename(directory)
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def flat_config(config: Config) -> dict[str, int | float | str | bool]:
+    """Dotted keys with scalar values, as trackers (TensorBoard hparams) want them."""
+    flat = {}
+
+    def walk(node: object, prefix: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                walk(value, f"{prefix}{key}.")
+        elif isinstance(node, (int, float, str, bool)):
+            flat[prefix[:-1]] = node
+        elif node is not None:
+            flat[prefix[:-1]] = str(node)
+
+    walk(dataclasses.asdict(config), "")
+    return flat
