@@ -1,0 +1,118 @@
+import pytest
+import torch
+
+from dforce.loss import DenoisingLoss
+from dforce.model import CausalVideoTransformer
+from dforce.noise import NoiseSchedule
+from dforce.trajectory import get_weighting
+
+FRAMES, LEVELS = 4, 20
+
+
+def tiny_model(**options) -> CausalVideoTransformer:
+    torch.manual_seed(0)
+    model = CausalVideoTransformer(
+        sample_size=8,
+        patch_size=4,
+        num_frames=FRAMES,
+        num_layers=2,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        **options,
+    )
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.05)  # the DiT init is the zero function; any non-trivial model will do
+    return model.eval()
+
+
+def make_loss(weighting: str, **options) -> DenoisingLoss:
+    schedule = NoiseSchedule.from_name("cosine", LEVELS)
+    return DenoisingLoss(schedule, "v", get_weighting(weighting, FRAMES, LEVELS), **options)
+
+
+def clips(batch: int = 3) -> torch.Tensor:
+    return torch.randn(batch, FRAMES, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+
+
+def test_seeded_and_reproducible():
+    model, x0, loss = tiny_model(), clips(), make_loss("paths")
+    a, b, c = loss(model, x0, seed=5), loss(model, x0, seed=5), loss(model, x0, seed=6)
+    assert torch.equal(a.loss, b.loss) and torch.equal(a.levels, b.levels)
+    assert not torch.equal(a.loss, c.loss)
+    assert a.error.shape == a.levels.shape == a.trained.shape == (3, FRAMES)
+    assert (a.levels[~a.trained] == 0).all()  # paths: frames without loss are clean context
+
+
+@torch.no_grad()
+def test_teacher_layout_is_every_staircase_state_at_once():
+    """One teacher-layout forward = the mean over j of the loss at the staircase state of frame j."""
+    model, x0, schedule = tiny_model(), clips(), NoiseSchedule.from_name("cosine", LEVELS)
+    loss = make_loss("teacher")
+    assert loss.teacher_layout
+    out = loss(model, x0, seed=11)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(11))  # the loss's first draw
+    per_frame = []
+    for j in range(FRAMES):
+        levels = torch.full_like(out.levels, LEVELS)  # right of j: pure noise (unseen by frame j)
+        levels[:, :j] = 0
+        levels[:, j] = out.levels[:, j]
+        x_t = schedule.add_noise(x0, noise, levels)
+        pred = model(x_t, schedule.timesteps(levels))[:, j]
+        target = schedule.target(x0, noise, levels, "v")[:, j]
+        per_frame.append((pred - target).square().mean(dim=(1, 2, 3)))
+    expected = torch.stack(per_frame, 1)  # [B, T]
+    torch.testing.assert_close(out.error, expected, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(out.loss, expected.mean(1).mean(), rtol=1e-4, atol=1e-6)
+    assert not make_loss("teacher", teacher_layout=False).teacher_layout
+
+
+def test_level_weight_scales_each_frame():
+    model, x0 = tiny_model(), clips()
+    plain, elbo = (
+        make_loss("independent")(model, x0, seed=2),
+        make_loss("independent", level_weight="elbo")(model, x0, seed=2),
+    )
+    weight = NoiseSchedule.from_name("cosine", LEVELS).loss_weight("elbo", plain.levels, "v").float()
+    torch.testing.assert_close(elbo.error, plain.error * weight)
+    with pytest.raises(ValueError, match="unknown loss weighting 'bogus'"):
+        make_loss("paths", level_weight="bogus")
+
+
+class Spy(torch.nn.Module):
+    """Records what the model is shown; predicts zeros."""
+
+    def __init__(self, num_classes: int = 5) -> None:
+        super().__init__()
+        self.config = type("C", (), {"num_classes": num_classes})
+        self.calls = []
+
+    def forward(self, sample, timesteps, **extra):
+        self.calls.append({"sample": sample, "timesteps": timesteps, **extra})
+        return torch.zeros_like(sample)
+
+
+@pytest.mark.parametrize("weighting", ["independent", "teacher"])
+def test_dropping_history_and_labels(weighting):
+    x0, labels = clips(64), torch.arange(64) % 5
+    spy = Spy()
+    kept = make_loss(weighting)(spy, x0, seed=0, labels=labels)
+    assert torch.equal(spy.calls[-1]["labels"], labels)
+    dropped = make_loss(weighting, drop_history=1.0, drop_labels=1.0)(spy, x0, seed=0, labels=labels)
+    call = spy.calls[-1]
+    assert (call["labels"] == 5).all()  # the null label
+    if weighting == "teacher":
+        assert (call["context_timesteps"] == 1000).all()  # context at level K, told as t = 1
+        assert (kept.levels == dropped.levels).all()
+    else:
+        context = ~dropped.trained
+        assert context.any() and (dropped.levels[context] == LEVELS).all()
+        assert torch.equal(dropped.levels[~context], kept.levels[~context])
+    half = make_loss(weighting, drop_labels=0.5)(spy, x0, seed=0, labels=labels)
+    assert 10 < (spy.calls[-1]["labels"] == 5).sum() < 54
+    assert half.loss.isfinite()
+
+
+def test_wrong_clip_length():
+    with pytest.raises(ValueError, match="clips have 3 frames but the weighting was built for 4"):
+        make_loss("paths")(tiny_model(), clips()[:, :3], seed=0)
