@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from dforce import DforceError
+
 DEFAULT_WEIGHTINGS = "independent,paths,teacher,sync,schedule:pyramid,mixture"
 
 
@@ -61,6 +63,14 @@ def make_synthetic(args: argparse.Namespace) -> None:
         overwrite=args.overwrite,
     )
     print(f"wrote {args.clips} clips to {len(shards)} shards in {args.out}")
+
+
+def train(args: argparse.Namespace) -> None:
+    from dforce.config import load_config
+    from dforce.train import train
+
+    model = train(load_config(args.config, args.overrides))
+    print(f"model written to {model}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -141,6 +151,17 @@ def build_parser() -> argparse.ArgumentParser:
     synthetic.add_argument("--maxcount", type=int, default=256, help="clips per shard")
     synthetic.add_argument("--overwrite", action="store_true")
     synthetic.set_defaults(run=make_synthetic)
+
+    training = commands.add_parser(
+        "train",
+        help="train a model from a YAML config",
+        description="Train from CONFIG (see configs/), with dotted overrides such as train.max_steps=200. "
+        "Running the same command again resumes from the newest checkpoint in output_dir. For several "
+        "processes: accelerate launch [--multi_gpu --num_processes N] -m dforce train CONFIG ...",
+    )
+    training.add_argument("config", help="YAML config file")
+    training.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.max_steps=200")
+    training.set_defaults(run=train)
     return parser
 
 
@@ -148,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except ValueError as error:
+    except (ValueError, DforceError) as error:
         sys.exit(f"dforce {args.command}: {error}")
 
 

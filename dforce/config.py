@@ -17,12 +17,13 @@ from typing import Any
 
 import yaml
 
+from dforce import DforceError
 from dforce.data import DataConfig
 from dforce.model import CausalVideoTransformer
 from dforce.noise import NoiseConfig
 
 
-class ConfigError(ValueError):
+class ConfigError(DforceError, ValueError):
     """A config problem, said in one line that names the file and the key."""
 
 

@@ -25,6 +25,7 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
+from dforce import DforceError
 from dforce.config import Config, model_kwargs
 from dforce.data import make_loader, to_float
 from dforce.loss import DenoisingLoss, LossOutput
@@ -55,8 +56,8 @@ class TrainState:
             setattr(self, key, value)
 
 
-class NonFiniteLoss(RuntimeError):
-    """Too many non-finite steps in a row; the last good checkpoint is kept."""
+class TrainingStopped(DforceError, RuntimeError):
+    """Too many non-finite steps in a row, or no checkpoint can be loaded; nothing is deleted."""
 
 
 def step_seed(*keys: int) -> int:
@@ -145,7 +146,7 @@ def train(config: Config) -> Path:
         progress.update()
         if state.bad_in_a_row >= cfg.max_bad_steps:
             latest = list_checkpoints(output / CHECKPOINTS)
-            raise NonFiniteLoss(
+            raise TrainingStopped(
                 f"stopped at step {state.step}: {state.bad_in_a_row} non-finite losses in a row "
                 f"(lower train.lr or check the data); the last good checkpoint is "
                 f"{latest[-1] if latest else 'none (no checkpoint was written yet)'}"
@@ -304,7 +305,7 @@ def resume(accelerator: Accelerator, directory: Path) -> Path | None:
             logger.warning("checkpoint %s cannot be loaded (%s); trying the one before", checkpoint, error)
             accelerator.print(f"warning: checkpoint {checkpoint} is damaged ({error}); using the one before")
     if checkpoints:
-        raise RuntimeError(
+        raise TrainingStopped(
             f"none of the {len(checkpoints)} checkpoints in {directory} can be loaded; "
             "was the config changed? Move them away to start afresh"
         )
