@@ -27,10 +27,13 @@ from tqdm.auto import tqdm
 
 from dforce import DforceError
 from dforce.config import Config, model_kwargs
-from dforce.data import make_loader, to_float
+from dforce.data import DataConfig, make_loader, to_float
 from dforce.loss import DenoisingLoss, LossOutput
 from dforce.model import CausalVideoTransformer
+from dforce.noise import NoiseSchedule
+from dforce.sampler import rollout
 from dforce.trajectory import get_weighting
+from dforce.video import side_by_side, to_uint8, write_video
 
 logger = logging.getLogger(__name__)
 
@@ -167,7 +170,9 @@ def train(config: Config) -> Path:
         last = state.step == cfg.max_steps
         if config.validation.shards and (state.step % config.validation.every == 0 or last):
             with ema_weights(ema, model):
-                accelerator.log(validate(config, model, accelerator), step=state.step)
+                logs = validate(config, model, accelerator, state.step)
+            accelerator.log(logs, step=state.step)
+            accelerator.print(f"step {state.step}: " + ", ".join(f"{k[4:]} {v:.4g}" for k, v in logs.items()))
         if state.step % cfg.checkpoint_every == 0 or last:
             save_checkpoint(accelerator, output / CHECKPOINTS, state.step, cfg.keep_checkpoints)
             export_model(accelerator, model, ema, config, output / MODEL)
@@ -261,31 +266,89 @@ class ema_weights:
 
 
 @torch.no_grad()
-def validate(config: Config, model: torch.nn.Module, accelerator: Accelerator) -> dict[str, float]:
-    """Held-out loss per weighting, on the same batches and seeds every time."""
-    val = config.validation
-    data = dataclasses.replace(config.data, shards=val.shards, shuffle=False, resampled=False)
-    model.eval()
-    logs = {}
-    for name in val.weightings:
-        loss_fn = make_loss(config, name)
-        total = torch.zeros((), device=accelerator.device)
+def validate(config: Config, model: torch.nn.Module, accelerator: Accelerator, step: int) -> dict[str, float]:
+    """Held-out loss per weighting and next-frame error next to copying the last frame, on the same
+    clips and seeds every time; the main process also writes rollouts beside the real clips."""
+    val, device = config.validation, accelerator.device
+    data = dataclasses.replace(config.data, shards=val.shards, shuffle=False, resampled=False, clip_start=0)
+    net = accelerator.unwrap_model(model).eval()
+    schedule = config.noise.build().to(device)
+    sums: dict[str, torch.Tensor] = {}
+    loaders = {"loss": data, "rollout": dataclasses.replace(data, clip_frames=val.context_frames + 1)}
+    for purpose, data_config in loaders.items():
         loader = make_loader(
-            data,
+            data_config,
             batch_size=config.train.batch_size,
             rank=accelerator.process_index,
             world_size=accelerator.num_processes,
         )
-        count = 0
         for i, batch in zip(range(val.batches), loader, strict=False):
-            x0 = to_float(batch["video"].to(accelerator.device))
-            labels = batch["label"].to(accelerator.device) if "label" in batch else None
-            actions = batch["actions"].to(accelerator.device) if "actions" in batch else None
-            total += loss_fn(model, x0, step_seed(config.seed, i), labels=labels, actions=actions).loss
-            count += 1
-        logs[f"val/loss_{name}"] = accelerator.reduce(total / max(count, 1), reduction="mean").item()
-    model.train()
+            x0 = to_float(batch["video"].to(device))  # [B, T, C, H, W]
+            labels = batch["label"].to(device) if "label" in batch else None
+            actions = batch["actions"].to(device) if "actions" in batch else None
+            seed = step_seed(config.seed, i)
+            if purpose == "loss":
+                for name in val.weightings:
+                    loss = make_loss(config, name)(net, x0, seed, labels=labels, actions=actions).loss
+                    sums[f"val/loss_{name}"] = sums.get(f"val/loss_{name}", 0) + loss / val.batches
+                continue
+            context, truth = x0[:, : val.context_frames], x0[:, val.context_frames]
+            predicted = rollout(
+                net,
+                schedule,
+                config.noise.parameterization,
+                context,
+                1,
+                steps=val.sampling_steps,
+                labels=labels,
+                actions=actions,
+                generator=torch.Generator(device).manual_seed(seed),
+            )[:, -1]
+            for name, guess in (("next_frame_mse", predicted), ("copy_last_frame_mse", context[:, -1])):
+                sums[f"val/{name}"] = (
+                    sums.get(f"val/{name}", 0) + (guess - truth).square().mean() / val.batches
+                )
+    logs = {key: accelerator.reduce(value, reduction="mean").item() for key, value in sums.items()}
+    if accelerator.is_main_process and val.rollout_clips:
+        write_rollouts(config, net, schedule, data, step, accelerator)
+    net.train()
     return logs
+
+
+def write_rollouts(
+    config: Config,
+    model: CausalVideoTransformer,
+    schedule: NoiseSchedule,
+    data: DataConfig,
+    step: int,
+    accelerator: Accelerator,
+) -> Path:
+    """Roll out from the first held-out clips past the horizon; real frames on the right."""
+    val = config.validation
+    frames = val.context_frames + val.rollout_frames
+    batch = next(
+        iter(make_loader(dataclasses.replace(data, clip_frames=frames), batch_size=val.rollout_clips))
+    )
+    real = to_float(batch["video"].to(accelerator.device))  # [N, T, C, H, W]
+    fake = rollout(
+        model,
+        schedule,
+        config.noise.parameterization,
+        real[:, : val.context_frames],
+        val.rollout_frames,
+        scheduling=val.scheduling,
+        steps=val.sampling_steps,
+        labels=batch["label"].to(accelerator.device) if "label" in batch else None,
+        actions=batch["actions"].to(accelerator.device) if "actions" in batch else None,
+        generator=torch.Generator(accelerator.device).manual_seed(config.seed),
+    )
+    grid = torch.cat([side_by_side(f, r) for f, r in zip(fake, real, strict=True)], dim=-2)  # [T, C, N*H, 2W]
+    out = Path(config.output_dir) / "samples" / f"step_{step:08d}.mp4"
+    write_video(out, to_uint8(grid), fps=8, scale=4)
+    tracker = next((t for t in accelerator.trackers if t.name == "tensorboard"), None)
+    if tracker is not None:
+        tracker.writer.add_images("rollout", to_uint8(grid).permute(0, 3, 1, 2), step)  # [T, 3, H, W]
+    return out
 
 
 def list_checkpoints(directory: Path) -> list[Path]:

@@ -15,6 +15,7 @@ import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from dforce.cli import main
 from dforce.config import load_config
@@ -22,6 +23,7 @@ from dforce.loss import DenoisingLoss
 from dforce.model import CausalVideoTransformer
 from dforce.synthetic import write_bouncing_balls
 from dforce.train import TrainingStopped, make_loss, train
+from dforce.video import read_clip
 
 CONFIG = """\
 output_dir: {out}
@@ -37,6 +39,7 @@ model: {{sample_size: 16, patch_size: 4, num_layers: 2, num_attention_heads: 2, 
 def data(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("balls")
     write_bouncing_balls(out, num_clips=16, frames=8, size=16, num_balls=2, seed=0, maxcount=8)
+    write_bouncing_balls(out, num_clips=4, frames=12, size=16, num_balls=2, seed=1, prefix="val")
     return out
 
 
@@ -176,6 +179,42 @@ def test_nonfinite_steps_are_skipped_then_stop(tmp_path, config_file, monkeypatc
         load = load_config(config_file, [f"output_dir={tmp_path / 'bad'}", "train.max_bad_steps=3"])
         train(load)
     assert (tmp_path / "bad/checkpoints/step_00000008").exists()  # skipped steps left the weights good
+
+
+def test_validation_and_logs(tmp_path, config_file, data, capsys):
+    """Held-out losses, next-frame error beside copying the last frame, rollouts, TensorBoard scalars."""
+    overrides = [
+        "train.max_steps=8",
+        "train.trackers=[tensorboard]",
+        f"validation.shards={data}/val-*.tar",
+        "validation.every=4",
+        "validation.batches=2",
+        "validation.context_frames=2",
+        "validation.rollout_frames=10",  # past the 4-frame horizon
+        "validation.sampling_steps=3",
+    ]
+    train(load_config(config_file, overrides))
+    out = capsys.readouterr().out
+    assert "step 8: loss_paths" in out and "next_frame_mse" in out and "copy_last_frame_mse" in out
+    samples = tmp_path / "run/samples"
+    assert sorted(p.name for p in samples.iterdir()) == [
+        "step_00000004.gif",
+        "step_00000004.mp4",
+        "step_00000008.gif",
+        "step_00000008.mp4",
+    ]
+    video, _ = read_clip(samples / "step_00000008.mp4")
+    assert video.shape == (12, 3, 2 * 16 * 4, 2 * 16 * 4)  # 2 clips stacked, generated | real, 4x
+
+    (events,) = (tmp_path / "run/logs/dforce").glob("events.out.tfevents.*")
+    logged = EventAccumulator(str(events))
+    logged.Reload()
+    tags = logged.Tags()
+    for tag in ["loss", "grad_norm", "lr", "samples_per_s", "skipped_samples", "val/next_frame_mse"]:
+        assert tag in tags["scalars"], tag
+    assert any(tag.startswith("loss_by_level/") for tag in tags["scalars"])
+    assert [e.step for e in logged.Scalars("val/loss_sync")] == [4, 8]
+    assert "rollout" in tags["images"]
 
 
 def test_cli_errors_are_one_line(tmp_path, config_file, capsys):
