@@ -4,7 +4,6 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # The CPU build of torch where no NVIDIA GPU is present (an unpinned `torch` pulls a multi-GB CUDA build).
 TORCH ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
-DEMO_OUT ?= outputs/demo
 
 .PHONY: demo test lint install clean
 
@@ -16,10 +15,19 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $@
 
-demo: install
-	$(BIN)/dforce make-synthetic --out $(DEMO_OUT)/data --clips 256 --frames 32 --size 32 --overwrite
-	$(BIN)/dforce plot-weights --frames 2 --levels 16 --out $(DEMO_OUT)/weights_2frames.png
-	$(BIN)/dforce plot-weights --frames 8 --levels 1000 --cube-levels 16 --out $(DEMO_OUT)/weights_8frames.png
+# The demo: bouncing-balls shards (made once), a small model trained on them (configs/demo.yaml; rerun to
+# resume), a rollout far past its 8-frame horizon beside the real clip, and the weighting heatmaps.
+demo: install outputs/demo/data/train-000003.tar outputs/demo/data/val-000000.tar
+	$(BIN)/dforce train configs/demo.yaml
+	$(BIN)/dforce sample --model outputs/demo/run/model --context "outputs/demo/data/val-*.tar" \
+		--context-frames 4 --frames 60 --steps 10 --seed 0 --out outputs/demo/rollout.mp4
+	$(BIN)/dforce plot-weights --frames 2 --levels 16 --out outputs/demo/weights_2frames.png
+
+outputs/demo/data/train-000003.tar: | install
+	$(BIN)/dforce make-synthetic --out outputs/demo/data --clips 1024 --frames 32 --size 32 --overwrite
+
+outputs/demo/data/val-000000.tar: | install
+	$(BIN)/dforce make-synthetic --out outputs/demo/data --clips 64 --frames 64 --size 32 --seed 1 --prefix val
 
 lint: install
 	$(BIN)/ruff check .
