@@ -73,6 +73,76 @@ def train(args: argparse.Namespace) -> None:
     print(f"model written to {model}")
 
 
+def sample(args: argparse.Namespace) -> None:
+    import json
+    from pathlib import Path
+
+    import torch
+
+    from dforce.data import resize_crop, to_float
+    from dforce.sampler import chunk_schedule, load_model, rollout
+    from dforce.video import read_clip, side_by_side, to_uint8, write_video
+
+    if not args.out.endswith(".mp4"):
+        raise ValueError(f"--out {args.out}: must be a .mp4 file (a .gif is written beside it)")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, noise = load_model(args.model)
+    model.to(device)
+    scheduling = args.schedule
+    if scheduling.endswith(".json"):
+        try:
+            scheduling = json.loads(Path(scheduling).read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise ValueError(f"--schedule {args.schedule}: {error}") from None
+    options = {key: getattr(args, key) for key in ("block", "offset") if getattr(args, key) is not None}
+    schedule_args = dict(scheduling=scheduling, steps=args.steps, chunk=args.chunk, **options)
+    _, window = chunk_schedule(model, noise.levels, **schedule_args)
+
+    config = model.config
+    size = tuple(g * config.patch_size for g in model.grid)
+    fps, real = args.fps, None
+    context = torch.zeros(1, 0, config.in_channels, *size)  # [B, T0, C, H, W]
+    if args.context is not None:
+        clip, clip_fps = read_clip(args.context, args.context_index)
+        real = to_float(resize_crop(clip, size))  # [T, C, H, W] in [-1, 1]
+        known = args.context_frames
+        if known is None:
+            block = config.frames_per_block
+            known = min(len(real), window) // block * block
+        if known > len(real):
+            raise ValueError(f"--context-frames {known}: {args.context} has only {len(real)} frames")
+        context = real[None, :known]
+        fps = fps or clip_fps
+    elif args.context_frames:
+        raise ValueError("--context-frames needs --context")
+    fps = fps or 8.0
+
+    video = rollout(
+        model,
+        noise.build(),
+        noise.parameterization,
+        context.to(device),
+        args.frames,
+        **schedule_args,
+        sampler=args.sampler,
+        eta=args.eta,
+        guidance=args.guidance,
+        history_guidance=args.history_guidance,
+        labels=None if args.label is None else torch.tensor([args.label], device=device),
+        context_noise=args.context_noise,
+        use_cache=not args.no_cache,
+        generator=torch.Generator(device).manual_seed(args.seed),
+        progress=True,
+    )[0]  # [T0 + frames, C, H, W]
+    written = write_video(args.out, to_uint8(video), fps, args.scale)
+    if real is not None and len(real) > context.shape[1]:
+        pair = side_by_side(video.cpu(), real)
+        written += write_video(
+            args.out.removesuffix(".mp4") + "_vs_real.mp4", to_uint8(pair), fps, args.scale
+        )
+    print("wrote " + ", ".join(map(str, written)))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dforce", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -162,6 +232,60 @@ def build_parser() -> argparse.ArgumentParser:
     training.add_argument("config", help="YAML config file")
     training.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.max_steps=200")
     training.set_defaults(run=train)
+
+    sampler = commands.add_parser(
+        "sample",
+        help="generate a video from a trained model, continuing given context frames",
+        description="Rolls a trained model out for --frames frames after the context, chunk by chunk along a "
+        "scheduling matrix, in a sliding window within the training horizon (KV-cached unless --no-cache). "
+        "Writes OUT (.mp4) and OUT with .gif; with a --context clip longer than the context, also "
+        "OUT_vs_real.mp4/.gif: generated frames left, real frames right. The same --seed gives the same "
+        "video.",
+    )
+    sampler.add_argument("--model", required=True, help="a model directory written by training")
+    sampler.add_argument("--frames", type=int, required=True, help="frames to generate after the context")
+    sampler.add_argument("--context", default=None, help="a video file, or shards (.tar, glob or pattern)")
+    sampler.add_argument("--context-index", type=int, default=0, help="which shard sample to continue")
+    sampler.add_argument(
+        "--context-frames",
+        type=int,
+        default=None,
+        help="T0: the first frames of the clip to continue (default: as many as the window holds)",
+    )
+    sampler.add_argument(
+        "--schedule",
+        default="autoregressive",
+        help="autoregressive, pyramid, sync, teacher, or a .json file holding a custom matrix over the "
+        "chunk's frames (rows from all K to all 0)",
+    )
+    sampler.add_argument("--block", type=int, default=None, help="frames denoised together (AR, pyramid)")
+    sampler.add_argument(
+        "--offset", type=int, default=None, help="pyramid: steps between neighbouring frames"
+    )
+    sampler.add_argument("--chunk", type=int, default=None, help="frames per scheduling matrix")
+    sampler.add_argument("--steps", type=int, default=50, help="denoising steps per frame")
+    sampler.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm", "euler"])
+    sampler.add_argument("--eta", type=float, default=0.0, help="ddim stochasticity, 0 (deterministic) .. 1")
+    sampler.add_argument("--label", type=int, default=None, help="class label, for class-conditional models")
+    sampler.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance over --label")
+    sampler.add_argument(
+        "--history-guidance",
+        type=float,
+        default=1.0,
+        help="guidance over the history (unconditional: pure noise)",
+    )
+    sampler.add_argument(
+        "--context-noise", type=int, default=0, help="level at which finished frames are seen"
+    )
+    sampler.add_argument(
+        "--no-cache", action="store_true", help="recompute the window every step (reference)"
+    )
+    sampler.add_argument("--seed", type=int, default=0)
+    sampler.add_argument("--fps", type=float, default=None, help="default: the context's, else 8")
+    sampler.add_argument("--scale", type=int, default=1, help="show each pixel as SCALE x SCALE")
+    sampler.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    sampler.add_argument("--out", required=True, help="FILE.mp4; FILE.gif is written beside it")
+    sampler.set_defaults(run=sample)
     return parser
 
 
