@@ -3,6 +3,7 @@
     python tools/bench.py data                     # loader clips/s per worker vs plain decord
     python tools/bench.py data --sizes 64 --json   # machine-readable, with machine, torch and date
     python tools/bench.py model                    # parameters, forward and backward time, vs the yardstick
+    python tools/bench.py rollout                  # time per generated frame, KV-cached vs recomputed window
 
 Each figure carries the command line, the machine, the torch version and the date.
 """
@@ -29,6 +30,8 @@ import torch
 
 from dforce.data import DataConfig, make_loader, read_samples
 from dforce.model import CausalVideoTransformer
+from dforce.noise import NoiseSchedule
+from dforce.sampler import History, Sampler, chunk_schedule, denoise_chunk
 from dforce.shards import ShardSink, encode_video
 from dforce.synthetic import bouncing_balls
 
@@ -264,6 +267,73 @@ def bench_model(args: argparse.Namespace) -> list[dict]:
     return figures
 
 
+# Small frames (8x8 pixels, 16 tokens) and a horizon past the largest frame measured, so that the recomputed
+# window grows over the whole range while the cache's per-frame work does not.
+ROLLOUT_SHAPE = dict(
+    in_channels=3, sample_size=8, patch_size=2, num_layers=2, num_attention_heads=2, attention_head_dim=32,
+)  # fmt: skip
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+@torch.no_grad()
+def frame_seconds(history: History, matrix: torch.Tensor, frames: int, prefill: int, batch: int) -> float:
+    """Seconds per frame generated after `prefill` frames of history (written 16 at a time, untimed)."""
+    model = history.model
+    shape = (batch, 1, model.config.in_channels, *(g * model.config.patch_size for g in model.grid))
+    device = model.device
+    for start in range(0, prefill, 16):
+        history.commit(torch.randn(batch, min(16, prefill - start), *shape[2:], device=device))
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(frames):
+        denoise_chunk(history, torch.randn(shape, device=device), matrix, Sampler("ddim"))
+    _sync(device)
+    return (time.perf_counter() - start) / frames
+
+
+def bench_rollout(args: argparse.Namespace) -> list[dict]:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    model = CausalVideoTransformer(**ROLLOUT_SHAPE, num_frames=max(args.at) + args.measure).to(device).eval()
+    schedule = NoiseSchedule.from_name("cosine", 1000)
+    matrix, window = chunk_schedule(model, schedule.levels, "autoregressive", args.steps)
+    figures = []
+    for batch in args.batch:
+        for mode in "cached", "recompute":
+            seconds = {}
+            for at in args.at:
+                seconds[at] = min(
+                    frame_seconds(
+                        History(model, schedule, "v", window, use_cache=mode == "cached"),
+                        matrix,
+                        args.measure,
+                        at,
+                        batch,
+                    )
+                    for _ in range(args.repeat)
+                )
+                common = {"mode": mode, "batch": batch, "frame": at, "steps": args.steps}
+                figures.append(
+                    {"figure": "time per frame", "value": seconds[at] * 1e3, "unit": "ms", **common}
+                )
+            first, last = min(args.at), max(args.at)
+            figures.append(
+                {
+                    "figure": f"frame {last} / frame {first}",
+                    "value": seconds[last] / seconds[first],
+                    "unit": "x",
+                    "mode": mode,
+                    "batch": batch,
+                    "steps": args.steps,
+                }
+            )
+    return figures
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -297,6 +367,22 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--no-backward", dest="backward", action="store_false", help="time the forward only")
     model.add_argument("--no-yardstick", dest="yardstick", action="store_false", help="skip the yardstick")
     model.set_defaults(run=bench_model)
+    rollout = commands.add_parser(
+        "rollout",
+        help="time per generated frame at several frame indices, KV-cached vs recomputed window",
+        description="Autoregressive rollout (one frame per block, DDIM, --steps denoising steps per "
+        "frame) of a tiny random model (d64, 2 layers, 8x8 frames of 16 tokens) whose horizon covers every "
+        "--at. At each frame index the history is filled with that many frames (untimed), then --measure "
+        "frames are generated: with the KV cache (steps + 1 one-frame forwards: the steps and the write of "
+        "the finished frame) or recomputing the window (steps forwards of every frame so far). Best of "
+        "--repeat.",
+    )
+    rollout.add_argument("--at", type=int, nargs="+", default=[16, 64, 256], help="frame indices")
+    rollout.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    rollout.add_argument("--steps", type=int, default=4, help="denoising steps per frame")
+    rollout.add_argument("--measure", type=int, default=2, help="frames timed at each index")
+    rollout.add_argument("--repeat", type=int, default=2, help="timed runs; the fastest counts")
+    rollout.set_defaults(run=bench_rollout)
     for command in commands.choices.values():
         command.add_argument("--json", action="store_true", help="one JSON object per figure")
     return parser
