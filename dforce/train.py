@@ -10,8 +10,8 @@ uninterrupted one. Multi-process: `accelerate launch -m dforce train CONFIG` (se
 from __future__ import annotations
 
 import dataclasses
-import logging
 import shutil
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,8 +34,6 @@ from dforce.noise import NoiseSchedule
 from dforce.sampler import rollout
 from dforce.trajectory import get_weighting
 from dforce.video import side_by_side, to_uint8, write_video
-
-logger = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
 MODEL = "model"
@@ -365,8 +363,8 @@ def resume(accelerator: Accelerator, directory: Path) -> Path | None:
             accelerator.load_state(str(checkpoint))
             return checkpoint
         except Exception as error:  # any unreadable file: safetensors, pickle, shapes, missing files
-            logger.warning("checkpoint %s cannot be loaded (%s); trying the one before", checkpoint, error)
-            accelerator.print(f"warning: checkpoint {checkpoint} is damaged ({error}); using the one before")
+            message = f"warning: checkpoint {checkpoint} is damaged ({error}); using the one before"
+            accelerator.print(message, file=sys.stderr)
     if checkpoints:
         raise TrainingStopped(
             f"none of the {len(checkpoints)} checkpoints in {directory} can be loaded; "

@@ -144,8 +144,8 @@ def test_damaged_checkpoint_falls_back(tmp_path, config_file, capsys):
     latest.write_bytes(latest.read_bytes()[:100])
     AcceleratorState._reset_state(True)
     train(load_config(config_file))
-    out = capsys.readouterr().out
-    assert "step_00000008 is damaged" in out and "resumed from" in out and "step_00000004" in out
+    out, err = capsys.readouterr()
+    assert "step_00000008 is damaged" in err and "resumed from" in out and "step_00000004" in out
 
     reference = tmp_path / "reference"
     AcceleratorState._reset_state(True)
