@@ -170,6 +170,11 @@ def _randn(like: Tensor, generator: torch.Generator | None) -> Tensor:
     return torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)
 
 
+def _per_branch(value: Tensor | None, null: Tensor | None, drops: list[bool]) -> Tensor | None:
+    """`value` [B, ...] for each branch, `null` where the branch drops it: [branches * B, ...]."""
+    return None if value is None else torch.cat([null if drop else value for drop in drops])
+
+
 class History:
     """The frames a rollout has finished, as the model sees them, and the guided denoiser that reads them.
 
@@ -218,21 +223,11 @@ class History:
             branches.append((schedule.levels, False))
             self.weights.append(1.0 - history_guidance)
         self.levels = [level for level, _ in branches]
-        self.labels = (
-            None
-            if labels is None
-            else torch.cat(
-                [
-                    torch.full_like(labels, model.config.num_classes) if drop else labels
-                    for _, drop in branches
-                ]
-            )
-        )  # [branches * B]
-        self.actions = (
-            None
-            if actions is None
-            else torch.cat([torch.zeros_like(actions) if drop else actions for _, drop in branches])
-        )  # [branches * B, frames, A]
+        drops = [drop for _, drop in branches]
+        null_labels = None if labels is None else torch.full_like(labels, model.config.num_classes)
+        self.labels = _per_branch(labels, null_labels, drops)  # [branches * B]
+        null_actions = None if actions is None else torch.zeros_like(actions)
+        self.actions = _per_branch(actions, null_actions, drops)  # [branches * B, frames, A]
         self.cache = model.new_cache(window) if use_cache else None
         self.frames: Tensor | None = None  # without a cache: [branches * B, <= window, C, H, W] as fed
         self.timesteps: Tensor | None = None  # [branches * B, <= window]
