@@ -171,16 +171,19 @@ def train(config: Config) -> Path:
                 logs = validate(config, model, accelerator, state.step)
             accelerator.log(logs, step=state.step)
             accelerator.print(f"step {state.step}: " + ", ".join(f"{k[4:]} {v:.4g}" for k, v in logs.items()))
-        if state.step % cfg.checkpoint_every == 0 or last:
-            save_checkpoint(accelerator, output / CHECKPOINTS, state.step, cfg.keep_checkpoints)
+        if state.step % cfg.checkpoint_every == 0 or last:  # export first: a kill between the two redoes both
             export_model(accelerator, model, ema, config, output / MODEL)
+            save_checkpoint(accelerator, output / CHECKPOINTS, state.step, cfg.keep_checkpoints)
     progress.close()
     accelerator.end_training()
     return output / MODEL
 
 
 def make_loss(config: Config, weighting: str) -> DenoisingLoss:
-    options = {"cube_levels": config.trajectory.cube_levels, **config.trajectory.options}
+    """The training loss, or the same loss under another weighting (validation)."""
+    options = {"cube_levels": config.trajectory.cube_levels}
+    if weighting == config.trajectory.name:
+        options.update(config.trajectory.options)
     return DenoisingLoss(
         config.noise.build(),
         config.noise.parameterization,
