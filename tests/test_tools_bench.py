@@ -45,15 +45,18 @@ def test_model_benchmark_times_forward_and_backward():
 
 
 def test_rollout_benchmark_times_cached_and_recomputed_frames():
-    options = ["--at", "2", "6", "--batch", "1", "--steps", "1", "--measure", "1", "--repeat", "1", "--json"]
-    figures = [json.loads(line) for line in bench("rollout", *options).splitlines()]
-    assert [(f["figure"], f["mode"], f.get("frame")) for f in figures] == [
-        ("time per frame", "cached", 2),
-        ("time per frame", "cached", 6),
-        ("frame 6 / frame 2", "cached", None),
-        ("time per frame", "recompute", 2),
-        ("time per frame", "recompute", 6),
-        ("frame 6 / frame 2", "recompute", None),
+    options = ["--at", "2", "6", "--batch", "1", "--steps", "1", "--measure", "1", "--repeat", "1"]
+    figures = [
+        json.loads(line) for line in bench("rollout", *options, "--horizons", "4", "7", "--json").splitlines()
     ]
+    assert [(f["horizon"], f["figure"], f["mode"], f.get("frame")) for f in figures[:6]] == [
+        (4, "time per frame", "cached", 2),
+        (4, "time per frame", "cached", 6),
+        (4, "frame 6 / frame 2", "cached", None),
+        (4, "time per frame", "recompute", 2),
+        (4, "time per frame", "recompute", 6),
+        (4, "frame 6 / frame 2", "recompute", None),
+    ]
+    assert [f["horizon"] for f in figures[6:]] == [7] * 6
     assert all(f["value"] > 0 and f["batch"] == 1 and f["steps"] == 1 for f in figures)
     assert figures[2]["value"] == figures[1]["value"] / figures[0]["value"]

@@ -267,8 +267,8 @@ def bench_model(args: argparse.Namespace) -> list[dict]:
     return figures
 
 
-# Small frames (8x8 pixels, 16 tokens) and a horizon past the largest frame measured, so that the recomputed
-# window grows over the whole range while the cache's per-frame work does not.
+# Small frames (8x8 pixels, 16 tokens): per-frame overheads are small, so the figures show how the work
+# grows with the frames attended.
 ROLLOUT_SHAPE = dict(
     in_channels=3, sample_size=8, patch_size=2, num_layers=2, num_attention_heads=2, attention_head_dim=32,
 )  # fmt: skip
@@ -280,57 +280,47 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.no_grad()
-def frame_seconds(history: History, matrix: torch.Tensor, frames: int, prefill: int, batch: int) -> float:
-    """Seconds per frame generated after `prefill` frames of history (written 16 at a time, untimed)."""
-    model = history.model
+def frame_seconds(
+    model: CausalVideoTransformer, use_cache: bool, prefill: int, args: argparse.Namespace, batch: int
+) -> float:
+    """Seconds per frame of an autoregressive rollout after `prefill` frames of history (written a frame at a
+    time, as a rollout writes them, untimed)."""
+    schedule = NoiseSchedule.from_name("cosine", 1000)
+    matrix, window = chunk_schedule(model, schedule.levels, "autoregressive", args.steps)
+    history = History(model, schedule, "v", window, use_cache=use_cache)
     shape = (batch, 1, model.config.in_channels, *(g * model.config.patch_size for g in model.grid))
-    device = model.device
-    for start in range(0, prefill, 16):
-        history.commit(torch.randn(batch, min(16, prefill - start), *shape[2:], device=device))
-    _sync(device)
+    for _ in range(prefill):
+        history.commit(torch.randn(shape, device=model.device))
+    _sync(model.device)
     start = time.perf_counter()
-    for _ in range(frames):
-        denoise_chunk(history, torch.randn(shape, device=device), matrix, Sampler("ddim"))
-    _sync(device)
-    return (time.perf_counter() - start) / frames
+    for _ in range(args.measure):
+        denoise_chunk(history, torch.randn(shape, device=model.device), matrix, Sampler("ddim"))
+    _sync(model.device)
+    return (time.perf_counter() - start) / args.measure
 
 
 def bench_rollout(args: argparse.Namespace) -> list[dict]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    torch.manual_seed(0)
-    model = CausalVideoTransformer(**ROLLOUT_SHAPE, num_frames=max(args.at) + args.measure).to(device).eval()
-    schedule = NoiseSchedule.from_name("cosine", 1000)
-    matrix, window = chunk_schedule(model, schedule.levels, "autoregressive", args.steps)
     figures = []
-    for batch in args.batch:
-        for mode in "cached", "recompute":
-            seconds = {}
-            for at in args.at:
-                seconds[at] = min(
-                    frame_seconds(
-                        History(model, schedule, "v", window, use_cache=mode == "cached"),
-                        matrix,
-                        args.measure,
-                        at,
-                        batch,
+    for horizon in args.horizons or [16, max(args.at) + args.measure]:
+        torch.manual_seed(0)
+        model = CausalVideoTransformer(**ROLLOUT_SHAPE, num_frames=horizon).to(device).eval()
+        for batch in args.batch:
+            for mode in "cached", "recompute":
+                common = {"horizon": horizon, "mode": mode, "batch": batch, "steps": args.steps}
+                frame_seconds(model, mode == "cached", min(args.at), args, batch)  # warm-up
+                seconds = {}
+                for at in args.at:
+                    seconds[at] = min(
+                        frame_seconds(model, mode == "cached", at, args, batch) for _ in range(args.repeat)
                     )
-                    for _ in range(args.repeat)
-                )
-                common = {"mode": mode, "batch": batch, "frame": at, "steps": args.steps}
+                    figure = {"figure": "time per frame", "value": seconds[at] * 1e3, "unit": "ms"}
+                    figures.append({**figure, **common, "frame": at})
+                first, last = min(args.at), max(args.at)
+                ratio = seconds[last] / seconds[first]
                 figures.append(
-                    {"figure": "time per frame", "value": seconds[at] * 1e3, "unit": "ms", **common}
+                    {"figure": f"frame {last} / frame {first}", "value": ratio, "unit": "x", **common}
                 )
-            first, last = min(args.at), max(args.at)
-            figures.append(
-                {
-                    "figure": f"frame {last} / frame {first}",
-                    "value": seconds[last] / seconds[first],
-                    "unit": "x",
-                    "mode": mode,
-                    "batch": batch,
-                    "steps": args.steps,
-                }
-            )
     return figures
 
 
@@ -371,14 +361,22 @@ def build_parser() -> argparse.ArgumentParser:
         "rollout",
         help="time per generated frame at several frame indices, KV-cached vs recomputed window",
         description="Autoregressive rollout (one frame per block, DDIM, --steps denoising steps per "
-        "frame) of a tiny random model (d64, 2 layers, 8x8 frames of 16 tokens) whose horizon covers every "
-        "--at. At each frame index the history is filled with that many frames (untimed), then --measure "
-        "frames are generated: with the KV cache (steps + 1 one-frame forwards: the steps and the write of "
-        "the finished frame) or recomputing the window (steps forwards of every frame so far). Best of "
-        "--repeat.",
+        "frame) of a tiny random model (d64, 2 layers, 8x8 frames of 16 tokens). At each frame index the "
+        "history is filled with that many frames (untimed), then --measure frames are generated: with the KV "
+        "cache (steps + 1 one-frame forwards: the steps and the write of the finished frame) or recomputing "
+        "the window (steps forwards of every frame in it). Best of --repeat after a warm-up. Two horizons "
+        "by default: 16, where the window slides past frame 16, and one past the last --at, where it never "
+        "slides and every earlier frame is attended.",
     )
     rollout.add_argument("--at", type=int, nargs="+", default=[16, 64, 256], help="frame indices")
     rollout.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    rollout.add_argument(
+        "--horizons",
+        type=int,
+        nargs="+",
+        default=None,
+        help="model horizons (default: 16 and past the last --at)",
+    )
     rollout.add_argument("--steps", type=int, default=4, help="denoising steps per frame")
     rollout.add_argument("--measure", type=int, default=2, help="frames timed at each index")
     rollout.add_argument("--repeat", type=int, default=2, help="timed runs; the fastest counts")
