@@ -345,6 +345,20 @@ def chunk_schedule(
     return matrix, horizon - fed
 
 
+def denoise_step(
+    history: History,
+    x: Tensor,
+    levels: Tensor,
+    next_levels: Tensor,
+    sampler: Sampler,
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """One row of a scheduling matrix: frames x [B, n, C, H, W] after the history, from `levels` to
+    `next_levels` [B, n]; -> (x at the next levels, the x0 estimate). Runs with gradients if enabled."""
+    x0, eps = history.denoise(x, levels)
+    return sampler(history.schedule, x, x0, eps, levels, next_levels, generator), x0
+
+
 def denoise_chunk(
     history: History,
     x: Tensor,
@@ -363,9 +377,7 @@ def denoise_chunk(
             done = finished
         batch_levels = levels[m, done:stop].expand(len(x), -1)  # [B, fed]
         next_levels = levels[m + 1, done:stop].expand(len(x), -1)
-        fed = x[:, done:stop]
-        x0, eps = history.denoise(fed, batch_levels)
-        fed = sampler(history.schedule, fed, x0, eps, batch_levels, next_levels, generator)
+        fed, _ = denoise_step(history, x[:, done:stop], batch_levels, next_levels, sampler, generator)
         x = torch.cat([x[:, :done], fed, x[:, stop:]], dim=1)
     history.commit(x[:, done:], generator)
     return x
@@ -427,8 +439,9 @@ def rollout(
     matrix, window = chunk_schedule(model, schedule.levels, scheduling, steps, chunk, **schedule_options)
     if known > window:
         raise ValueError(
-            f"context has {known} frames but the model sees at most {window} beside the {matrix.shape[1]} "
-            f"it denoises (num_frames={config.num_frames}); pass fewer context frames"
+            f"context has {known} frames but the model sees at most {window} beside the "
+            f"{config.num_frames - window} it denoises at once (num_frames={config.num_frames}); "
+            "pass fewer context frames"
         )
     history = History(
         model,

@@ -15,6 +15,7 @@ from dforce.sampler import (
     chunk_schedule,
     ddim_step,
     ddpm_step,
+    denoise_step,
     euler_step,
     load_model,
     rollout,
@@ -307,8 +308,9 @@ def test_a_denoising_step_trains_and_commits_stay_detached():
     model = tiny(num_frames=6).train()
     history = History(model, noise_schedule(), "v", 5)
     history.commit(clip(2))
-    x0, _ = history.denoise(clip(1, seed=6), torch.tensor([[700], [300]]))
-    x0.square().mean().backward()
+    levels, next_levels = torch.tensor([[700], [300]]), torch.tensor([[400], [0]])
+    x, x0 = denoise_step(history, clip(1, seed=6), levels, next_levels, Sampler("ddpm"), gen())
+    (x.square().mean() + x0.square().mean()).backward()
     assert all(p.grad is not None for p in model.blocks[0].parameters())
     assert not any(k.requires_grad for k in history.cache.keys.values())
 
