@@ -268,8 +268,9 @@ class ema_weights:
 
 @torch.no_grad()
 def validate(config: Config, model: torch.nn.Module, accelerator: Accelerator, step: int) -> dict[str, float]:
-    """Held-out loss per weighting and next-frame error next to copying the last frame, on the same
-    clips and seeds every time; the main process also writes rollouts beside the real clips."""
+    """Held-out loss per weighting and next-frame error (sampled, and the one-step posterior mean) next to
+    copying the last frame, on the same clips and seeds every time; the main process also writes
+    rollouts beside the real clips."""
     val, device = config.validation, accelerator.device
     data = dataclasses.replace(config.data, shards=val.shards, shuffle=False, resampled=False, clip_start=0)
     net = accelerator.unwrap_model(model).eval()
@@ -294,18 +295,21 @@ def validate(config: Config, model: torch.nn.Module, accelerator: Accelerator, s
                     sums[f"val/loss_{name}"] = sums.get(f"val/loss_{name}", 0) + loss / val.batches
                 continue
             context, truth = x0[:, : val.context_frames], x0[:, val.context_frames]
-            predicted = rollout(
-                net,
-                schedule,
-                config.noise.parameterization,
-                context,
-                1,
-                steps=val.sampling_steps,
-                labels=labels,
-                actions=actions,
-                generator=torch.Generator(device).manual_seed(seed),
-            )[:, -1]
-            for name, guess in (("next_frame_mse", predicted), ("copy_last_frame_mse", context[:, -1])):
+            guesses = {"copy_last_frame_mse": context[:, -1]}
+            # One step from pure noise is the model's posterior mean, the least-squares prediction.
+            for name, steps in (("next_frame_mse", val.sampling_steps), ("next_frame_mse_1step", 1)):
+                guesses[name] = rollout(
+                    net,
+                    schedule,
+                    config.noise.parameterization,
+                    context,
+                    1,
+                    steps=steps,
+                    labels=labels,
+                    actions=actions,
+                    generator=torch.Generator(device).manual_seed(seed),
+                )[:, -1]
+            for name, guess in guesses.items():
                 sums[f"val/{name}"] = (
                     sums.get(f"val/{name}", 0) + (guess - truth).square().mean() / val.batches
                 )

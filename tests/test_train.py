@@ -210,7 +210,7 @@ def test_validation_and_logs(tmp_path, config_file, data, capsys):
     logged = EventAccumulator(str(events))
     logged.Reload()
     tags = logged.Tags()
-    for tag in ["loss", "grad_norm", "lr", "samples_per_s", "skipped_samples", "val/next_frame_mse"]:
+    for tag in ["loss", "grad_norm", "lr", "samples_per_s", "skipped_samples", "val/next_frame_mse_1step"]:
         assert tag in tags["scalars"], tag
     assert any(tag.startswith("loss_by_level/") for tag in tags["scalars"])
     assert [e.step for e in logged.Scalars("val/loss_sync")] == [4, 8]
