@@ -171,6 +171,13 @@ def train(config: Config) -> Path:
                 logs = validate(config, model, accelerator, state.step)
             accelerator.log(logs, step=state.step)
             accelerator.print(f"step {state.step}: " + ", ".join(f"{k[4:]} {v:.4g}" for k, v in logs.items()))
+            if last:
+                steps = config.validation.sampling_steps
+                accelerator.print(
+                    f"held-out next-frame MSE: {logs['val/next_frame_mse_1step']:.4f} as the one-step "
+                    f"posterior mean, {logs['val/next_frame_mse']:.4f} sampled in {steps} steps; "
+                    f"copying the last frame: {logs['val/copy_last_frame_mse']:.4f}"
+                )
         if state.step % cfg.checkpoint_every == 0 or last:  # export first: a kill between the two redoes both
             export_model(accelerator, model, ema, config, output / MODEL)
             save_checkpoint(accelerator, output / CHECKPOINTS, state.step, cfg.keep_checkpoints)

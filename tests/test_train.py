@@ -195,7 +195,9 @@ def test_validation_and_logs(tmp_path, config_file, data, capsys):
     ]
     train(load_config(config_file, overrides))
     out = capsys.readouterr().out
-    assert "step 8: loss_paths" in out and "next_frame_mse" in out and "copy_last_frame_mse" in out
+    assert (
+        "step 8: loss_paths" in out and "held-out next-frame MSE" in out and "copying the last frame" in out
+    )
     samples = tmp_path / "run/samples"
     assert sorted(p.name for p in samples.iterdir()) == [
         "step_00000004.gif",
