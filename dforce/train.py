@@ -26,8 +26,8 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from dforce import DforceError
-from dforce.config import Config, model_kwargs
-from dforce.data import DataConfig, make_loader, to_float
+from dforce.config import Config, ConfigError, model_kwargs
+from dforce.data import make_loader, to_float
 from dforce.loss import DenoisingLoss, LossOutput
 from dforce.model import CausalVideoTransformer
 from dforce.noise import NoiseSchedule
@@ -110,6 +110,7 @@ def train(config: Config) -> Path:
     if resumed:
         accelerator.print(f"resumed from {resumed} at step {state.step}")
 
+    clips = held_out_clips(config, accelerator) if config.validation.shards else None
     loss_fn = make_loss(config, config.trajectory.name)
     meter = Meter(loss_fn.schedule.levels, device)
     batches = clip_batches(config, rank, world, consumed=state.step * cfg.gradient_accumulation)
@@ -168,7 +169,7 @@ def train(config: Config) -> Path:
         last = state.step == cfg.max_steps
         if config.validation.shards and (state.step % config.validation.every == 0 or last):
             with ema_weights(ema, model):
-                logs = validate(config, model, accelerator, state.step)
+                logs = validate(config, model, accelerator, state.step, clips)
             accelerator.log(logs, step=state.step)
             accelerator.print(f"step {state.step}: " + ", ".join(f"{k[4:]} {v:.4g}" for k, v in logs.items()))
             if last:
@@ -274,7 +275,9 @@ class ema_weights:
 
 
 @torch.no_grad()
-def validate(config: Config, model: torch.nn.Module, accelerator: Accelerator, step: int) -> dict[str, float]:
+def validate(
+    config: Config, model: torch.nn.Module, accelerator: Accelerator, step: int, clips: dict | None
+) -> dict[str, float]:
     """Held-out loss per weighting and next-frame error (sampled, and the one-step posterior mean) next to
     copying the last frame, on the same clips and seeds every time; the main process also writes
     rollouts beside the real clips."""
@@ -321,26 +324,46 @@ def validate(config: Config, model: torch.nn.Module, accelerator: Accelerator, s
                     sums.get(f"val/{name}", 0) + (guess - truth).square().mean() / val.batches
                 )
     logs = {key: accelerator.reduce(value, reduction="mean").item() for key, value in sums.items()}
-    if accelerator.is_main_process and val.rollout_clips:
-        write_rollouts(config, net, schedule, data, step, accelerator)
+    if clips is not None:
+        write_rollouts(config, net, schedule, clips, step, accelerator)
     net.train()
     return logs
+
+
+def held_out_clips(config: Config, accelerator: Accelerator) -> dict | None:
+    """The clips the main process rolls out from at each validation, read before training starts so that
+    a `validation` section the held-out data cannot serve fails at once, not at the first validation."""
+    val = config.validation
+    data = dataclasses.replace(config.data, shards=val.shards, shuffle=False, resampled=False, clip_start=0)
+    frames = val.context_frames + val.rollout_frames
+    try:
+        make_loader(  # enough held-out clips for the losses on every rank
+            data,
+            batch_size=config.train.batch_size,
+            rank=accelerator.process_index,
+            world_size=accelerator.num_processes,
+        )
+        if not (accelerator.is_main_process and val.rollout_clips):
+            return None
+        rollout_data = dataclasses.replace(data, clip_frames=frames)
+        return next(iter(make_loader(rollout_data, batch_size=val.rollout_clips)))
+    except ValueError as error:
+        raise ConfigError(
+            f"validation: the held-out shards cannot give {config.train.batch_size} clips per rank, and "
+            f"{val.rollout_clips} clips of context_frames + rollout_frames = {frames} frames: {error}"
+        ) from None
 
 
 def write_rollouts(
     config: Config,
     model: CausalVideoTransformer,
     schedule: NoiseSchedule,
-    data: DataConfig,
+    batch: dict,
     step: int,
     accelerator: Accelerator,
 ) -> Path:
-    """Roll out from the first held-out clips past the horizon; real frames on the right."""
+    """Roll out from held-out clips past the horizon; real frames on the right."""
     val = config.validation
-    frames = val.context_frames + val.rollout_frames
-    batch = next(
-        iter(make_loader(dataclasses.replace(data, clip_frames=frames), batch_size=val.rollout_clips))
-    )
     real = to_float(batch["video"].to(accelerator.device))  # [N, T, C, H, W]
     fake = rollout(
         model,

@@ -219,11 +219,21 @@ def test_validation_and_logs(tmp_path, config_file, data, capsys):
     assert "rollout" in tags["images"]
 
 
-def test_cli_errors_are_one_line(tmp_path, config_file, capsys):
+def test_cli_errors_are_one_line(tmp_path, config_file, data):
     for argv, message in [
         (["train", str(tmp_path / "missing.yaml")], "missing.yaml: cannot read config"),
         (["train", str(config_file), "train.lr=fast"], "train.lr: expected float, got 'fast'"),
         (["train", str(config_file), "data.shards=/nowhere/x.tar"], "/nowhere/x.tar"),
+        (
+            [
+                "train",
+                str(config_file),
+                f"validation.shards={data}/val-*.tar",
+                "validation.rollout_frames=40",
+            ],
+            "validation: the held-out shards cannot give 2 clips per rank, and 2 clips of context_frames + "
+            "rollout_frames = 44 frames",
+        ),
     ]:
         with pytest.raises(SystemExit) as exit:
             main(argv)
