@@ -43,6 +43,7 @@ class LossConfig:
     teacher_layout: bool = True  # `teacher` weighting: train every frame of the staircase in one forward
     drop_history: float = 0.0  # chance a clip's context frames are replaced by pure noise (history guidance)
     drop_labels: float = 0.0  # chance a clip's label is replaced by the null label (classifier-free guidance)
+    context_noise: int = 0  # teacher layout: context frames at levels 0..context_noise (against drift)
 
     def __post_init__(self) -> None:
         for key in ("drop_history", "drop_labels"):
@@ -97,6 +98,7 @@ class ValidationConfig:
     rollout_frames: int = 32
     sampling_steps: int = 10
     scheduling: str = "autoregressive"
+    context_noise: int = 0  # level at which finished frames are seen (`rollout`'s context_noise)
 
 
 @dataclass

@@ -31,6 +31,11 @@ class DenoisingLoss:
     are trained in one forward through the model's teacher-forcing layout (clean clip as context, frame
     j at its own level): each frame gets weight 1/n, which is the weighting's expectation over the
     staircase position, so the loss has the same scale as drawing one position per clip.
+
+    `context_noise` (teacher layout only) puts each context frame at a level drawn from 0..context_noise:
+    the model learns to read a slightly noised history, which a rollout's `context_noise` then gives it
+    in place of its own imperfect frames (noise augmentation against drift). The other weightings need
+    no such option: their states already hold noised history.
     """
 
     def __init__(
@@ -43,11 +48,20 @@ class DenoisingLoss:
         teacher_layout: bool = True,
         drop_history: float = 0.0,
         drop_labels: float = 0.0,
+        context_noise: int = 0,
     ) -> None:
         self.schedule, self.parameterization, self.weighting = schedule, parameterization, weighting
         self.level_weight, self.level_weight_options = level_weight, dict(level_weight_options or {})
         self.teacher_layout = teacher_layout and isinstance(weighting, Teacher)
         self.drop_history, self.drop_labels = drop_history, drop_labels
+        if context_noise and not self.teacher_layout:
+            raise ValueError(
+                f"context_noise is for the teacher layout; weighting {weighting!r} already trains on "
+                "noised history"
+            )
+        if not 0 <= context_noise <= schedule.levels:
+            raise ValueError(f"context_noise must be a level in 0..{schedule.levels}, got {context_noise}")
+        self.context_noise = context_noise
         one = torch.ones(1, 1, dtype=torch.long)
         schedule.loss_weight(level_weight, one, parameterization, **self.level_weight_options)  # checks names
 
@@ -71,6 +85,7 @@ class DenoisingLoss:
         if self.teacher_layout:
             levels = torch.randint(1, schedule.levels + 1, (batch, frames), generator=cpu)  # [B, T]
             weights = torch.full((batch, frames), 1.0 / frames)
+            context_levels = torch.randint(0, self.context_noise + 1, (batch, frames), generator=cpu)
         else:
             levels, weights = self.weighting.sample(batch, cpu)  # [B, T] each
         drop_history = torch.rand(batch, generator=cpu) < self.drop_history  # [B]
@@ -81,9 +96,8 @@ class DenoisingLoss:
         extra = {"labels": labels, "actions": actions}
         noise = torch.randn(x0.shape, generator=noise_generator, device=device, dtype=x0.dtype)
         if self.teacher_layout:
-            # History dropped: the context is the clip at level K (pure noise) instead of clean.
-            context_levels = torch.where(drop_history[:, None].to(device), schedule.levels, 0)
-            context_levels = context_levels.expand(-1, frames)  # [B, T]
+            # History dropped: the context is the clip at level K (pure noise).
+            context_levels = torch.where(drop_history[:, None], schedule.levels, context_levels).to(device)
             context_noise = torch.randn(x0.shape, generator=noise_generator, device=device, dtype=x0.dtype)
             context = schedule.add_noise(x0, context_noise, context_levels)
             extra.update(context=context, context_timesteps=schedule.timesteps(context_levels))

@@ -201,6 +201,7 @@ def make_loss(config: Config, weighting: str) -> DenoisingLoss:
         teacher_layout=config.loss.teacher_layout and model_kwargs(config).get("frames_per_block", 1) == 1,
         drop_history=config.loss.drop_history,
         drop_labels=config.loss.drop_labels,
+        context_noise=config.loss.context_noise if weighting == config.trajectory.name else 0,
     )
 
 
@@ -315,6 +316,7 @@ def validate(
                     context,
                     1,
                     steps=steps,
+                    context_noise=val.context_noise,
                     labels=labels,
                     actions=actions,
                     generator=torch.Generator(device).manual_seed(seed),
@@ -373,6 +375,7 @@ def write_rollouts(
         val.rollout_frames,
         scheduling=val.scheduling,
         steps=val.sampling_steps,
+        context_noise=val.context_noise,
         labels=batch["label"].to(accelerator.device) if "label" in batch else None,
         actions=batch["actions"].to(accelerator.device) if "actions" in batch else None,
         generator=torch.Generator(accelerator.device).manual_seed(config.seed),

@@ -116,3 +116,17 @@ def test_dropping_history_and_labels(weighting):
 def test_wrong_clip_length():
     with pytest.raises(ValueError, match="clips have 3 frames but the weighting was built for 4"):
         make_loss("paths")(tiny_model(), clips()[:, :3], seed=0)
+
+
+def test_context_noise_in_the_teacher_layout():
+    spy, x0 = Spy(), clips(64)
+    make_loss("teacher", context_noise=7)(spy, x0, seed=0)
+    context_t = spy.calls[-1]["context_timesteps"]  # t * 1000 = level * 50
+    assert context_t.min() == 0 and context_t.max() == 7 * 1000 / LEVELS
+    assert len(context_t.unique()) == 8  # every level in 0..7 is drawn
+    make_loss("teacher")(spy, x0, seed=0)
+    assert (spy.calls[-1]["context_timesteps"] == 0).all()
+    with pytest.raises(ValueError, match="context_noise is for the teacher layout"):
+        make_loss("paths", context_noise=7)
+    with pytest.raises(ValueError, match=r"context_noise must be a level in 0\.\.20"):
+        make_loss("teacher", context_noise=21)
