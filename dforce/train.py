@@ -187,10 +187,12 @@ def train(config: Config) -> Path:
     return output / MODEL
 
 
-def make_loss(config: Config, weighting: str) -> DenoisingLoss:
-    """The training loss, or the same loss under another weighting (validation)."""
+def make_loss(config: Config, weighting: str, augment: bool = True) -> DenoisingLoss:
+    """The training loss; or, for validation, the plain loss under any weighting (`augment=False`: no
+    dropped history or labels, no context noise)."""
     options = {"cube_levels": config.trajectory.cube_levels}
-    if weighting == config.trajectory.name:
+    training = weighting == config.trajectory.name
+    if training:
         options.update(config.trajectory.options)
     return DenoisingLoss(
         config.noise.build(),
@@ -199,9 +201,9 @@ def make_loss(config: Config, weighting: str) -> DenoisingLoss:
         level_weight=config.loss.level_weight,
         level_weight_options=config.loss.level_weight_options,
         teacher_layout=config.loss.teacher_layout and model_kwargs(config).get("frames_per_block", 1) == 1,
-        drop_history=config.loss.drop_history,
-        drop_labels=config.loss.drop_labels,
-        context_noise=config.loss.context_noise if weighting == config.trajectory.name else 0,
+        drop_history=config.loss.drop_history if augment else 0.0,
+        drop_labels=config.loss.drop_labels if augment else 0.0,
+        context_noise=config.loss.context_noise if augment and training else 0,
     )
 
 
@@ -287,6 +289,7 @@ def validate(
     net = accelerator.unwrap_model(model).eval()
     schedule = config.noise.build().to(device)
     sums: dict[str, torch.Tensor] = {}
+    counts = {"loss": 0, "rollout": 0}  # batches read, should the held-out data hold fewer than asked
     loaders = {"loss": data, "rollout": dataclasses.replace(data, clip_frames=val.context_frames + 1)}
     for purpose, data_config in loaders.items():
         loader = make_loader(
@@ -300,10 +303,12 @@ def validate(
             labels = batch["label"].to(device) if "label" in batch else None
             actions = batch["actions"].to(device) if "actions" in batch else None
             seed = step_seed(config.seed, i)
+            counts[purpose] += 1
             if purpose == "loss":
                 for name in val.weightings:
-                    loss = make_loss(config, name)(net, x0, seed, labels=labels, actions=actions).loss
-                    sums[f"val/loss_{name}"] = sums.get(f"val/loss_{name}", 0) + loss / val.batches
+                    loss_fn = make_loss(config, name, augment=False)
+                    loss = loss_fn(net, x0, seed, labels=labels, actions=actions).loss
+                    sums[f"val/loss_{name}"] = sums.get(f"val/loss_{name}", 0) + loss
                 continue
             context, truth = x0[:, : val.context_frames], x0[:, val.context_frames]
             guesses = {"copy_last_frame_mse": context[:, -1]}
@@ -322,10 +327,11 @@ def validate(
                     generator=torch.Generator(device).manual_seed(seed),
                 )[:, -1]
             for name, guess in guesses.items():
-                sums[f"val/{name}"] = (
-                    sums.get(f"val/{name}", 0) + (guess - truth).square().mean() / val.batches
-                )
-    logs = {key: accelerator.reduce(value, reduction="mean").item() for key, value in sums.items()}
+                sums[f"val/{name}"] = sums.get(f"val/{name}", 0) + (guess - truth).square().mean()
+    logs = {
+        key: accelerator.reduce(value / counts["loss" if "loss_" in key else "rollout"], "mean").item()
+        for key, value in sums.items()
+    }
     if clips is not None:
         write_rollouts(config, net, schedule, clips, step, accelerator)
     net.train()
