@@ -81,7 +81,9 @@ class DenoisingLoss:
             )
         cpu = torch.Generator().manual_seed(seed)
         noise_generator = torch.Generator(device).manual_seed(seed)
-        schedule = self.schedule.to(device)
+        if self.schedule.alpha.device != device:
+            self.schedule = self.schedule.to(device)  # once, not a copy per step
+        schedule = self.schedule
         if self.teacher_layout:
             levels = torch.randint(1, schedule.levels + 1, (batch, frames), generator=cpu)  # [B, T]
             weights = torch.full((batch, frames), 1.0 / frames)

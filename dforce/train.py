@@ -290,6 +290,7 @@ def validate(
     schedule = config.noise.build().to(device)
     sums: dict[str, torch.Tensor] = {}
     counts = {"loss": 0, "rollout": 0}  # batches read, should the held-out data hold fewer than asked
+    losses = {name: make_loss(config, name, augment=False) for name in val.weightings}
     loaders = {"loss": data, "rollout": dataclasses.replace(data, clip_frames=val.context_frames + 1)}
     for purpose, data_config in loaders.items():
         loader = make_loader(
@@ -305,8 +306,7 @@ def validate(
             seed = step_seed(config.seed, i)
             counts[purpose] += 1
             if purpose == "loss":
-                for name in val.weightings:
-                    loss_fn = make_loss(config, name, augment=False)
+                for name, loss_fn in losses.items():
                     loss = loss_fn(net, x0, seed, labels=labels, actions=actions).loss
                     sums[f"val/loss_{name}"] = sums.get(f"val/loss_{name}", 0) + loss
                 continue
