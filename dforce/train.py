@@ -9,6 +9,7 @@ uninterrupted one. Multi-process: `accelerate launch -m dforce train CONFIG` (se
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import shutil
 import sys
@@ -27,7 +28,7 @@ from tqdm.auto import tqdm
 
 from dforce import DforceError
 from dforce.config import Config, ConfigError, model_kwargs
-from dforce.data import make_loader, to_float
+from dforce.data import DataConfig, make_loader, to_float
 from dforce.loss import DenoisingLoss, LossOutput
 from dforce.model import CausalVideoTransformer
 from dforce.noise import NoiseSchedule
@@ -263,18 +264,22 @@ class Meter:
         return logs
 
 
-class ema_weights:
-    """Swap the EMA weights into the model for the duration of a block (validation)."""
+@contextlib.contextmanager
+def ema_weights(ema: EMAModel, model: torch.nn.Module) -> Iterator[None]:
+    """The EMA weights in the model for the duration of a block (validation, export)."""
+    params = list(model.parameters())
+    ema.store(params)
+    ema.copy_to(params)
+    try:
+        yield
+    finally:
+        ema.restore(params)
 
-    def __init__(self, ema: EMAModel, model: torch.nn.Module) -> None:
-        self.ema, self.params = ema, list(model.parameters())
 
-    def __enter__(self) -> None:
-        self.ema.store(self.params)
-        self.ema.copy_to(self.params)
-
-    def __exit__(self, *exc) -> None:
-        self.ema.restore(self.params)
+def held_out_data(config: Config) -> DataConfig:
+    """The validation shards, read in order from the first frame of each clip."""
+    shards = config.validation.shards
+    return dataclasses.replace(config.data, shards=shards, shuffle=False, resampled=False, clip_start=0)
 
 
 @torch.no_grad()
@@ -285,7 +290,7 @@ def validate(
     copying the last frame, on the same clips and seeds every time; the main process also writes
     rollouts beside the real clips."""
     val, device = config.validation, accelerator.device
-    data = dataclasses.replace(config.data, shards=val.shards, shuffle=False, resampled=False, clip_start=0)
+    data = held_out_data(config)
     net = accelerator.unwrap_model(model).eval()
     schedule = config.noise.build().to(device)
     sums: dict[str, torch.Tensor] = {}
@@ -342,7 +347,7 @@ def held_out_clips(config: Config, accelerator: Accelerator) -> dict | None:
     """The clips the main process rolls out from at each validation, read before training starts so that
     a `validation` section the held-out data cannot serve fails at once, not at the first validation."""
     val = config.validation
-    data = dataclasses.replace(config.data, shards=val.shards, shuffle=False, resampled=False, clip_start=0)
+    data = held_out_data(config)
     frames = val.context_frames + val.rollout_frames
     try:
         make_loader(  # enough held-out clips for the losses on every rank
