@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from accelerate.utils import extract_model_from_parallel
 from torch import Tensor, nn
 
 from dforce.noise import NoiseSchedule
@@ -22,6 +23,14 @@ class LossOutput:
     error: Tensor  # [B, T] detached: per-frame mean squared error times the per-level weight
     levels: Tensor  # [B, T] the state each clip was trained at (the noisy half, in the teacher layout)
     trained: Tensor  # [B, T] bool: frames that carry loss (weight > 0)
+
+
+@dataclass
+class NoisedClips:
+    inputs: dict[str, Tensor | None]  # the model's keyword arguments: sample, timesteps, labels, ...
+    levels: Tensor  # [B, T] each frame's level (of `sample`)
+    weights: Tensor  # [B, T] each frame's loss weight; 0 for context
+    noise: Tensor  # [B, T, C, H, W] the noise in `sample`
 
 
 class DenoisingLoss:
@@ -65,15 +74,21 @@ class DenoisingLoss:
         one = torch.ones(1, 1, dtype=torch.long)
         schedule.loss_weight(level_weight, one, parameterization, **self.level_weight_options)  # checks names
 
-    def __call__(
+    def draw(
         self,
-        model: nn.Module,
         x0: Tensor,
         seed: int,
         labels: Tensor | None = None,
         actions: Tensor | None = None,
-    ) -> LossOutput:
-        """x0 [B, T, C, H, W] clean clips (labels [B], actions [B, T, A] if the model takes them)."""
+        null_label: int | None = None,
+        drop_history: bool | None = None,
+    ) -> NoisedClips:
+        """The noised state of clean clips x0 [B, T, C, H, W] that the loss trains on, as model inputs.
+
+        Self-forcing reads the teacher and the critic at the same states. `drop_history=True` forces every
+        clip's history to pure noise (the unconditional branch of history guidance) without changing
+        any other draw; labels [B] are dropped to `null_label` with chance `drop_labels`.
+        """
         batch, frames, device = x0.shape[0], x0.shape[1], x0.device
         if frames != self.weighting.frames:
             raise ValueError(
@@ -90,28 +105,44 @@ class DenoisingLoss:
             context_levels = torch.randint(0, self.context_noise + 1, (batch, frames), generator=cpu)
         else:
             levels, weights = self.weighting.sample(batch, cpu)  # [B, T] each
-        drop_history = torch.rand(batch, generator=cpu) < self.drop_history  # [B]
+        dropped = torch.rand(batch, generator=cpu) < self.drop_history  # [B]
+        if drop_history is not None:
+            dropped = torch.full((batch,), drop_history)
         drop_labels = torch.rand(batch, generator=cpu) < self.drop_labels  # [B]
         levels, weights = levels.to(device), weights.to(device)
         if labels is not None and self.drop_labels > 0:
-            labels = torch.where(drop_labels.to(device), model.config.num_classes, labels)
-        extra = {"labels": labels, "actions": actions}
+            labels = torch.where(drop_labels.to(device), null_label, labels)
+        inputs = {"labels": labels, "actions": actions}
         noise = torch.randn(x0.shape, generator=noise_generator, device=device, dtype=x0.dtype)
         if self.teacher_layout:
             # History dropped: the context is the clip at level K (pure noise).
-            context_levels = torch.where(drop_history[:, None], schedule.levels, context_levels).to(device)
+            context_levels = torch.where(dropped[:, None], schedule.levels, context_levels).to(device)
             context_noise = torch.randn(x0.shape, generator=noise_generator, device=device, dtype=x0.dtype)
             context = schedule.add_noise(x0, context_noise, context_levels)
-            extra.update(context=context, context_timesteps=schedule.timesteps(context_levels))
+            inputs.update(context=context, context_timesteps=schedule.timesteps(context_levels))
         else:
             # History dropped: the frames that carry no loss (the context) go to level K.
-            history = drop_history[:, None].to(device) & (weights == 0)  # [B, T]
+            history = dropped[:, None].to(device) & (weights == 0)  # [B, T]
             levels = torch.where(history, schedule.levels, levels)
         x_t = schedule.add_noise(x0, noise, levels)
-        pred = model(x_t, schedule.timesteps(levels), **extra)  # [B, T, C, H, W]
+        inputs.update(sample=x_t, timesteps=schedule.timesteps(levels))
+        return NoisedClips(inputs=inputs, levels=levels, weights=weights, noise=noise)
 
-        target = schedule.target(x0, noise, levels, self.parameterization)
-        level_weight = schedule.loss_weight(
+    def __call__(
+        self,
+        model: nn.Module,
+        x0: Tensor,
+        seed: int,
+        labels: Tensor | None = None,
+        actions: Tensor | None = None,
+    ) -> LossOutput:
+        """x0 [B, T, C, H, W] clean clips (labels [B], actions [B, T, A] if the model takes them)."""
+        null_label = extract_model_from_parallel(model).config.num_classes if labels is not None else None
+        state = self.draw(x0, seed, labels, actions, null_label)
+        pred = model(**state.inputs)  # [B, T, C, H, W]
+        levels, weights = state.levels, state.weights
+        target = self.schedule.target(x0, state.noise, levels, self.parameterization)
+        level_weight = self.schedule.loss_weight(
             self.level_weight, levels, self.parameterization, **self.level_weight_options
         ).float()  # [B, T]
         error = (pred.float() - target.float()).square().mean(dim=(2, 3, 4)) * level_weight  # [B, T]

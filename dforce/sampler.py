@@ -365,9 +365,15 @@ def denoise_chunk(
     matrix: Tensor,
     sampler: Sampler,
     generator: torch.Generator | None = None,
+    exit_row: int | None = None,
 ) -> Tensor:
     """Take x [B, n, C, H, W] (pure noise, matrix row 0) through the rows of `matrix` [S+1, n] to clean
-    frames, committing each finished block to `history`; -> the clean frames [B, n, C, H, W]."""
+    frames, committing each finished block to `history`; -> the clean frames [B, n, C, H, W].
+
+    `exit_row` (self-forcing): rows before it run without gradients, and the chunk ends at that row with
+    the model's x0 estimate, computed with gradients if enabled, as its frames. With the last row it is
+    the same chunk as without, the last step landing on x0.
+    """
     block = history.model.config.frames_per_block
     levels = matrix.to(x.device)
     done = 0
@@ -377,10 +383,44 @@ def denoise_chunk(
             done = finished
         batch_levels = levels[m, done:stop].expand(len(x), -1)  # [B, fed]
         next_levels = levels[m + 1, done:stop].expand(len(x), -1)
-        fed, _ = denoise_step(history, x[:, done:stop], batch_levels, next_levels, sampler, generator)
-        x = torch.cat([x[:, :done], fed, x[:, stop:]], dim=1)
+        exiting = m == exit_row
+        with torch.set_grad_enabled(torch.is_grad_enabled() and (exit_row is None or exiting)):
+            fed, x0 = denoise_step(history, x[:, done:stop], batch_levels, next_levels, sampler, generator)
+        x = torch.cat([x[:, :done], x0 if exiting else fed, x[:, stop:]], dim=1)
+        if exiting:
+            break
     history.commit(x[:, done:], generator)
     return x
+
+
+def generate(
+    history: History,
+    frames: int,
+    matrix: Tensor,
+    sampler: Sampler,
+    like: Tensor,
+    generator: torch.Generator | None = None,
+    exit_rows: Sequence[int | None] | None = None,
+    progress: bool = False,
+) -> Tensor:
+    """`frames` new frames after `history`, chunk by chunk along `matrix` [S+1, chunk] from pure noise:
+    -> [B, frames, C, H, W] in the dtype and on the device of `like` [B, ...]. `exit_rows[i]` is chunk
+    i's `denoise_chunk` exit row (self-forcing trains on this very loop)."""
+    config = history.model.config
+    block = config.frames_per_block
+    shape = (len(like), config.in_channels, *(g * config.patch_size for g in history.model.grid))
+    total = -(-frames // block) * block  # whole blocks; the extra frames are cut at the end
+    video = []
+    with tqdm(total=frames, unit="frame", desc="rollout", disable=not progress) as bar:
+        for i, start in enumerate(range(0, total, matrix.shape[1])):
+            n = min(matrix.shape[1], total - start)
+            noise = torch.randn(
+                (shape[0], n, *shape[1:]), generator=generator, device=like.device, dtype=like.dtype
+            )  # [B, n, C, H, W] at level K
+            exit_row = None if exit_rows is None else exit_rows[i]
+            video.append(denoise_chunk(history, noise, truncate(matrix, n), sampler, generator, exit_row))
+            bar.update(min(n, frames - start))
+    return torch.cat(video, dim=1)[:, :frames]
 
 
 @torch.no_grad()
@@ -457,17 +497,8 @@ def rollout(
     )
     if known:
         history.commit(context, generator)
-    video = [context]
-    total = -(-frames // block) * block  # whole blocks; the extra frames are cut at the end
-    with tqdm(total=frames, unit="frame", desc="rollout", disable=not progress) as bar:
-        for start in range(0, total, matrix.shape[1]):
-            n = min(matrix.shape[1], total - start)
-            noise = torch.randn(
-                (batch, n, *shape), generator=generator, device=context.device, dtype=context.dtype
-            )  # [B, n, C, H, W] at level K
-            video.append(denoise_chunk(history, noise, truncate(matrix, n), step, generator))
-            bar.update(min(n, frames - start))
-    return torch.cat(video, dim=1)[:, : known + frames]
+    new = generate(history, frames, matrix, step, context, generator, progress=progress)
+    return torch.cat([context, new], dim=1)
 
 
 class ModelNotFound(DforceError, FileNotFoundError):

@@ -372,7 +372,9 @@ def scheduling_matrix(
     `autoregressive` denoises `block` frames at a time (default 1), each in `steps` steps;
     `pyramid` starts frame j `offset` steps after frame j-1 (default 1); `sync` moves all frames
     together; `teacher` is autoregressive with one frame per block (the staircase edge of the
-    cube when steps == levels). A list or tensor is taken as a custom matrix and validated.
+    cube when steps == levels). `shift` (every schedule, default 1) spaces the steps as
+    t -> shift * t / (1 + (shift - 1) * t) of t = level / levels (SD3's timestep shift): above 1 it spends
+    more of few steps at high noise. A list or tensor is taken as a custom matrix and validated.
     """
     if not isinstance(name, str):
         if options:
@@ -381,6 +383,7 @@ def scheduling_matrix(
     if not 1 <= steps <= levels:
         raise ValueError(f"steps must be in 1..levels={levels}, got {steps}")
     allowed = {"autoregressive": {"block"}, "pyramid": {"block", "offset"}, "sync": set(), "teacher": set()}
+    allowed = {key: value | {"shift"} for key, value in allowed.items()}
     if name not in allowed:
         raise ValueError(f"unknown schedule '{name}'; choose from {', '.join(SCHEDULES)} or give a matrix")
     if unknown := set(options) - allowed[name]:
@@ -391,7 +394,13 @@ def scheduling_matrix(
         raise ValueError(
             f"need block >= 1 and 0 <= offset <= steps={steps}, got block={block}, offset={offset}"
         )
-    grid = torch.linspace(levels, 0, steps + 1, dtype=torch.float64).round().long()  # [steps+1]
+    shift = options.get("shift", 1.0)
+    if shift <= 0:
+        raise ValueError(f"shift must be > 0, got {shift}")
+    t = torch.linspace(1, 0, steps + 1, dtype=torch.float64)
+    grid = (shift * t / (1 + (shift - 1) * t) * levels).round().long()  # [steps+1]
+    if (grid[1:] == grid[:-1]).any():
+        raise ValueError(f"shift={shift} puts two of the {steps} steps on one level; use fewer steps")
     blocks = torch.arange(frames) // block  # [n] block of each frame
     rows = steps + int(blocks[-1]) * offset
     progress = torch.arange(rows + 1)[:, None] - blocks[None, :] * offset  # [S+1, n]
