@@ -94,7 +94,7 @@ def sample(args: argparse.Namespace) -> None:
             scheduling = json.loads(Path(scheduling).read_text())
         except (OSError, json.JSONDecodeError) as error:
             raise ValueError(f"--schedule {args.schedule}: {error}") from None
-    options = {key: getattr(args, key) for key in ("block", "offset") if getattr(args, key) is not None}
+    options = {k: getattr(args, k) for k in ("block", "offset", "shift") if getattr(args, k) is not None}
     schedule_args = dict(scheduling=scheduling, steps=args.steps, chunk=args.chunk, **options)
     _, window = chunk_schedule(model, noise.levels, **schedule_args)
 
@@ -131,6 +131,7 @@ def sample(args: argparse.Namespace) -> None:
         labels=None if args.label is None else torch.tensor([args.label], device=device),
         context_noise=args.context_noise,
         use_cache=not args.no_cache,
+        sink=args.sink,
         generator=torch.Generator(device).manual_seed(args.seed),
         progress=True,
     )[0]  # [T0 + frames, C, H, W]
@@ -264,6 +265,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sampler.add_argument("--chunk", type=int, default=None, help="frames per scheduling matrix")
     sampler.add_argument("--steps", type=int, default=50, help="denoising steps per frame")
+    sampler.add_argument(
+        "--shift", type=float, default=None, help="timestep shift of the steps (>1: more at high noise)"
+    )
+    sampler.add_argument(
+        "--sink", type=int, default=0, help="first frames kept in the KV cache's window for good"
+    )
     sampler.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm", "euler"])
     sampler.add_argument("--eta", type=float, default=0.0, help="ddim stochasticity, 0 (deterministic) .. 1")
     sampler.add_argument("--label", type=int, default=None, help="class label, for class-conditional models")

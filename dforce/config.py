@@ -102,6 +102,39 @@ class ValidationConfig:
 
 
 @dataclass
+class SelfForcingConfig:
+    """`objective: self_forcing`: a few-step generator trained on its own rollouts (`dforce.self_forcing`)."""
+
+    teacher: str  # a model directory written by `dforce train`; also the generator's and critic's start
+    init: str = "teacher"  # teacher | ode (first regress onto the teacher's many-step ODE samples)
+    ode_steps: int = 200  # generator updates of the ODE regression
+    ode_sampling_steps: int = 40  # the teacher's DDIM steps per frame for its ODE samples
+    steps: int = 4  # the generator's denoising steps per block
+    shift: float = 1.0  # timestep shift of those steps (`scheduling_matrix`)
+    context_frames: int = 1  # real frames the rollouts continue (0: from nothing)
+    rollout_frames: int | None = None  # frames rolled out per clip; default the horizon, may exceed it
+    sink: int = 0  # first frames kept in the rolling KV cache for good (whole blocks)
+    context_noise: int = 0  # level at which finished frames are seen, as in `dforce sample`
+    critic_steps: int = 5  # critic updates per generator update
+    critic_lr: float | None = None  # default train.lr
+    weighting: str = "independent"  # the trajectory weighting the loss levels are drawn from
+    min_level: int = 20  # the distribution-matching levels are clamped to min_level..max_level
+    max_level: int = 980
+    guidance: float = 1.0  # history guidance of the teacher (needs a teacher trained with drop_history)
+
+    def __post_init__(self) -> None:
+        if self.init not in ("teacher", "ode"):
+            raise ValueError(f"init must be teacher or ode, got {self.init!r}")
+        for key in ("steps", "critic_steps", "ode_sampling_steps"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if min(self.context_frames, self.sink, self.context_noise, self.ode_steps) < 0:
+            raise ValueError("context_frames, sink, context_noise and ode_steps must be >= 0")
+        if not 0 < self.min_level <= self.max_level:
+            raise ValueError(f"need 0 < min_level <= max_level, got {self.min_level}, {self.max_level}")
+
+
+@dataclass
 class Config:
     output_dir: str
     seed: int
@@ -112,6 +145,14 @@ class Config:
     loss: LossConfig = field(default_factory=LossConfig)
     model: dict[str, Any] = field(default_factory=dict)  # CausalVideoTransformer arguments
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    objective: str = "denoising"  # denoising | self_forcing (needs the self_forcing section)
+    self_forcing: SelfForcingConfig | None = None
+
+    def __post_init__(self) -> None:
+        if self.objective not in ("denoising", "self_forcing"):
+            raise ValueError(f"objective must be denoising or self_forcing, got {self.objective!r}")
+        if self.objective == "self_forcing" and self.self_forcing is None:
+            raise ValueError("objective self_forcing needs a self_forcing section (at least its teacher)")
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -195,6 +236,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         if value is None and type(None) in args:
             return None
         for arm in (a for a in args if a is not type(None)):
+            if dataclasses.is_dataclass(arm) and isinstance(value, dict):
+                return _build(arm, value, f"{key}.")  # a section: its own error names the inner key
             try:
                 return _coerce(value, arm, key)
             except ConfigError:

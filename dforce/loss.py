@@ -44,7 +44,8 @@ class DenoisingLoss:
     `context_noise` (teacher layout only) puts each context frame at a level drawn from 0..context_noise:
     the model learns to read a slightly noised history, which a rollout's `context_noise` then gives it
     in place of its own imperfect frames (noise augmentation against drift). The other weightings need
-    no such option: their states already hold noised history.
+    no such option: their states already hold noised history. `level_range` clamps the levels of the
+    frames that carry loss (self-forcing's distribution matching skips the extremes, as DMD does).
     """
 
     def __init__(
@@ -58,6 +59,7 @@ class DenoisingLoss:
         drop_history: float = 0.0,
         drop_labels: float = 0.0,
         context_noise: int = 0,
+        level_range: tuple[int, int] | None = None,
     ) -> None:
         self.schedule, self.parameterization, self.weighting = schedule, parameterization, weighting
         self.level_weight, self.level_weight_options = level_weight, dict(level_weight_options or {})
@@ -71,6 +73,9 @@ class DenoisingLoss:
         if not 0 <= context_noise <= schedule.levels:
             raise ValueError(f"context_noise must be a level in 0..{schedule.levels}, got {context_noise}")
         self.context_noise = context_noise
+        if level_range is not None and not 0 < level_range[0] <= level_range[1] <= schedule.levels:
+            raise ValueError(f"level_range must be 0 < low <= high <= {schedule.levels}, got {level_range}")
+        self.level_range = level_range
         one = torch.ones(1, 1, dtype=torch.long)
         schedule.loss_weight(level_weight, one, parameterization, **self.level_weight_options)  # checks names
 
@@ -105,6 +110,8 @@ class DenoisingLoss:
             context_levels = torch.randint(0, self.context_noise + 1, (batch, frames), generator=cpu)
         else:
             levels, weights = self.weighting.sample(batch, cpu)  # [B, T] each
+        if self.level_range is not None:
+            levels = torch.where(weights > 0, levels.clamp(*self.level_range), levels)
         dropped = torch.rand(batch, generator=cpu) < self.drop_history  # [B]
         if drop_history is not None:
             dropped = torch.full((batch,), drop_history)

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate.utils import extract_model_from_parallel
 from torch import Tensor
 from tqdm import tqdm
 
@@ -182,13 +183,17 @@ class History:
     for the frames being generated, placed right after the committed ones. The model sees the last `window`
     committed frames: with `use_cache` through a rolling KV cache (each frame's keys and values computed
     once, by a forward at the context-noise level with `update_cache=True`), otherwise by feeding them again
-    with every call (the reference). `denoise` may run with gradients; `commit` never keeps them.
+    with every call (the reference). With the cache, the first `sink` frames stay in the window for good.
+    `denoise` may run with gradients; `commit` never keeps them.
 
     Guidance runs its branches as one batch (and one cache) of `branches * B`:
       history guidance w: the unconditional branch sees every committed frame at level K (pure noise);
       label/action guidance g: the unconditional branch has label `num_classes` ("no label") and zero
       actions (the model has no null action embedding, so zero is what "no action" means);
     pred = c + (g - 1)(c - u_label) + (w - 1)(c - u_history), each term applied only when its scale != 1.
+
+    `model` may be wrapped for distributed training (self-forcing): it is called as given, so that its
+    gradients are synchronised, and its attributes are read from the unwrapped `net`.
     """
 
     def __init__(
@@ -204,7 +209,10 @@ class History:
         history_guidance: float = 1.0,
         context_noise: int = 0,
         use_cache: bool = True,
+        sink: int = 0,
     ) -> None:
+        if sink and not use_cache:
+            raise ValueError("a sink (frames kept in the window for good) needs the KV cache")
         if not 0 <= context_noise <= schedule.levels:
             raise ValueError(f"context_noise must be a level in 0..{schedule.levels}, got {context_noise}")
         if guidance != 1 and labels is None and actions is None:
@@ -212,6 +220,7 @@ class History:
         if labels is not None and not model.config.num_classes:
             raise ValueError("labels given to a model built without num_classes")
         self.model, self.parameterization, self.window = model, parameterization, window
+        self.net = model = extract_model_from_parallel(model)
         device = model.device
         self.schedule = schedule.to(device)
         # Branches: (level the committed frames are seen at, drop labels and actions?), with their weights.
@@ -228,7 +237,7 @@ class History:
         self.labels = _per_branch(labels, null_labels, drops)  # [branches * B]
         null_actions = None if actions is None else torch.zeros_like(actions)
         self.actions = _per_branch(actions, null_actions, drops)  # [branches * B, frames, A]
-        self.cache = model.new_cache(window) if use_cache else None
+        self.cache = model.new_cache(window, sink) if use_cache else None
         self.frames: Tensor | None = None  # without a cache: [branches * B, <= window, C, H, W] as fed
         self.timesteps: Tensor | None = None  # [branches * B, <= window]
         self.end = 0  # absolute index of the next frame
@@ -374,7 +383,7 @@ def denoise_chunk(
     the model's x0 estimate, computed with gradients if enabled, as its frames. With the last row it is
     the same chunk as without, the last step landing on x0.
     """
-    block = history.model.config.frames_per_block
+    block = history.net.config.frames_per_block
     levels = matrix.to(x.device)
     done = 0
     for m, (finished, stop) in enumerate(feed_plan(matrix, block)):
@@ -406,9 +415,9 @@ def generate(
     """`frames` new frames after `history`, chunk by chunk along `matrix` [S+1, chunk] from pure noise:
     -> [B, frames, C, H, W] in the dtype and on the device of `like` [B, ...]. `exit_rows[i]` is chunk
     i's `denoise_chunk` exit row (self-forcing trains on this very loop)."""
-    config = history.model.config
+    config = history.net.config
     block = config.frames_per_block
-    shape = (len(like), config.in_channels, *(g * config.patch_size for g in history.model.grid))
+    shape = (len(like), config.in_channels, *(g * config.patch_size for g in history.net.grid))
     total = -(-frames // block) * block  # whole blocks; the extra frames are cut at the end
     video = []
     with tqdm(total=frames, unit="frame", desc="rollout", disable=not progress) as bar:
@@ -442,6 +451,7 @@ def rollout(
     actions: Tensor | None = None,
     context_noise: int = 0,
     use_cache: bool = True,
+    sink: int = 0,
     generator: torch.Generator | None = None,
     progress: bool = False,
     **schedule_options,
@@ -453,7 +463,8 @@ def rollout(
     `steps` steps per frame, with `sampler` (`ddim` with `eta`, `ddpm`, `euler` for flow schedules).
     labels [B], actions [B, T0 + frames, A]; `guidance` scales classifier-free guidance over them,
     `history_guidance` over the history (see `History`). Finished frames condition the model at level
-    `context_noise`. `use_cache=False` recomputes the window at every step. Random draws come from
+    `context_noise`; the first `sink` frames stay in the cache's window for good (self-forcing can train
+    with the same). `use_cache=False` recomputes the window at every step. Random draws come from
     `generator` (on the context's device), so a seeded generator repeats the video exactly.
     """
     config = model.config
@@ -494,6 +505,7 @@ def rollout(
         history_guidance=history_guidance,
         context_noise=context_noise,
         use_cache=use_cache,
+        sink=sink,
     )
     if known:
         history.commit(context, generator)

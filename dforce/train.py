@@ -27,7 +27,7 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from dforce import DforceError
-from dforce.config import Config, ConfigError, model_kwargs
+from dforce.config import Config, ConfigError, TrainConfig, model_kwargs
 from dforce.data import DataConfig, make_loader, to_float
 from dforce.loss import DenoisingLoss, LossOutput
 from dforce.model import CausalVideoTransformer
@@ -69,6 +69,10 @@ def step_seed(*keys: int) -> int:
 
 def train(config: Config) -> Path:
     """Train (or resume) `config`; return the exported EMA model directory."""
+    if config.objective == "self_forcing":
+        from dforce.self_forcing import train_self_forcing
+
+        return train_self_forcing(config)
     cfg, output = config.train, Path(config.output_dir)
     accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision,
@@ -135,25 +139,11 @@ def train(config: Config) -> Path:
                 )
                 accelerator.backward(out.loss)
             meter.add(out, int(batch["skipped"]))
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-        if torch.isfinite(grad_norm):  # the step's one host sync: a NaN loss makes the norm NaN
-            optimizer.step()
+        grad_norm = optimizer_step(accelerator, model, optimizer, lr_scheduler, cfg, state, output)
+        if grad_norm.isfinite():
             ema.step(model.parameters())
-            state.bad_in_a_row = 0
-        else:
-            state.nonfinite_steps += 1
-            state.bad_in_a_row += 1
-        lr_scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
         state.step += 1
         progress.update()
-        if state.bad_in_a_row >= cfg.max_bad_steps:
-            latest = list_checkpoints(output / CHECKPOINTS)
-            raise TrainingStopped(
-                f"stopped at step {state.step}: {state.bad_in_a_row} non-finite losses in a row "
-                f"(lower train.lr or check the data); the last good checkpoint is "
-                f"{latest[-1] if latest else 'none (no checkpoint was written yet)'}"
-            )
 
         if state.step % cfg.log_every == 0 or state.step == cfg.max_steps:
             logs = meter.flush(accelerator, state)
@@ -186,6 +176,36 @@ def train(config: Config) -> Path:
     progress.close()
     accelerator.end_training()
     return output / MODEL
+
+
+def optimizer_step(
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler: object,
+    cfg: TrainConfig,
+    state: TrainState,
+    output: Path,
+) -> torch.Tensor:
+    """Clip, then step unless the gradient is not finite (counted; too many in a row stop the run
+    naming the last good checkpoint); -> the gradient norm."""
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+    if torch.isfinite(grad_norm):  # the step's one host sync: a NaN loss makes the norm NaN
+        optimizer.step()
+        state.bad_in_a_row = 0
+    else:
+        state.nonfinite_steps += 1
+        state.bad_in_a_row += 1
+    lr_scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    if state.bad_in_a_row >= cfg.max_bad_steps:
+        latest = list_checkpoints(output / CHECKPOINTS)
+        raise TrainingStopped(
+            f"stopped at step {state.step + 1}: {state.bad_in_a_row} non-finite losses in a row "
+            f"(lower train.lr or check the data); the last good checkpoint is "
+            f"{latest[-1] if latest else 'none (no checkpoint was written yet)'}"
+        )
+    return grad_norm
 
 
 def make_loss(config: Config, weighting: str, augment: bool = True) -> DenoisingLoss:

@@ -1,0 +1,262 @@
+"""Self-forcing: the distribution-matching gradient moves a generator toward the data, only exit steps carry
+gradient, the training rollout is the inference rollout, every process draws the same plan, and a killed
+run resumes exactly."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from accelerate.state import AcceleratorState, GradientState
+from safetensors.torch import load_file
+from torch import nn
+
+from dforce.config import ConfigError, load_config
+from dforce.noise import NoiseSchedule
+from dforce.sampler import load_model, rollout
+from dforce.self_forcing import Plan, SelfForcing, plan_rollout
+from dforce.synthetic import write_bouncing_balls
+from dforce.train import train
+
+TEACHER = """\
+output_dir: {out}
+seed: 0
+train: {{max_steps: 6, checkpoint_every: 6, batch_size: 2, lr: 2e-3, trackers: []}}
+data: {{shards: "{data}/train-*.tar", clip_frames: 4, num_workers: 0, pixels: uint8, shuffle_buffer: 4}}
+noise: {{levels: 50, parameterization: v}}
+trajectory: {{name: teacher}}
+loss: {{drop_history: 0.2}}
+model: {{sample_size: 16, patch_size: 4, num_layers: 2, num_attention_heads: 2, attention_head_dim: 16}}
+"""
+
+STUDENT = """\
+output_dir: {out}
+seed: 0
+objective: self_forcing
+self_forcing: {{teacher: "{teacher}", steps: 3, shift: 2.0, context_frames: 1, rollout_frames: 6,
+               critic_steps: 2, min_level: 2, max_level: 48}}
+train: {{max_steps: 4, checkpoint_every: 2, batch_size: 2, lr: 1e-4, trackers: []}}
+data: {{shards: "{data}/train-*.tar", clip_frames: 4, num_workers: 0, pixels: uint8, shuffle_buffer: 4}}
+"""
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate():
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("teacher")
+    write_bouncing_balls(root / "data", num_clips=8, frames=4, size=16, num_balls=1, seed=0, maxcount=8)
+    (root / "teacher.yaml").write_text(TEACHER.format(out=root / "run", data=root / "data"))
+    model = train(load_config(root / "teacher.yaml"))
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    return model, root / "data"
+
+
+def student_config(tmp_path: Path, teacher: tuple[Path, Path], *overrides: str):
+    path = tmp_path / "student.yaml"
+    path.write_text(STUDENT.format(out=tmp_path / "run", teacher=teacher[0], data=teacher[1]))
+    return path, load_config(path, overrides)
+
+
+def test_plan_is_a_function_of_the_shared_seed(tmp_path, teacher):
+    _, config = student_config(tmp_path, teacher)
+    sf = config.self_forcing
+    plans = [plan_rollout(seed, sf, horizon=4, block=1, total=6) for seed in range(200)]
+    assert plan_rollout(7, sf, 4, 1, 6) == plans[7]
+    assert {p.window_start for p in plans} == {0, 1, 2}  # windows of 4 in 6 frames
+    for plan in plans:
+        assert len(plan.exit_rows) == plan.window_start + 4 - sf.context_frames  # blocks up to its end
+        assert all(0 <= row < sf.steps for row in plan.exit_rows)
+    assert {row for plan in plans for row in plan.exit_rows} == set(range(sf.steps))
+    # the window always holds a generated frame, even with long context
+    long = dataclasses.replace(sf, context_frames=4)
+    assert all(plan_rollout(s, long, 4, 1, 6).window_start >= 1 for s in range(50))
+
+
+def test_training_rollout_is_the_inference_rollout(tmp_path, teacher):
+    _, config = student_config(tmp_path, teacher)
+    model, noise = load_model(teacher[0])
+    schedule = noise.build()
+    core = SelfForcing(dataclasses.replace(config, noise=noise), schedule, model)
+    video = torch.rand(2, 4, 3, 16, 16) * 2 - 1
+    steps = config.self_forcing.steps
+    plan = Plan(window_start=2, exit_rows=[steps - 1] * 5)  # every block runs all its steps
+    with torch.no_grad():
+        clip = core.rollout(model, {"video": video}, seed=3, plan=plan)
+    reference = rollout(
+        model,
+        schedule,
+        noise.parameterization,
+        video[:, :1],
+        5,
+        steps=steps,
+        shift=config.self_forcing.shift,
+        generator=torch.Generator().manual_seed(3),
+    )
+    assert clip.shape == (2, 4, 3, 16, 16)
+    torch.testing.assert_close(clip, reference[:, 2:], rtol=0, atol=1e-6)
+
+
+def test_only_exit_steps_in_the_window_carry_gradient(tmp_path, teacher):
+    _, config = student_config(tmp_path, teacher)
+    model, noise = load_model(teacher[0])
+    core = SelfForcing(dataclasses.replace(config, noise=noise), noise.build(), model)
+    calls = []
+    model.register_forward_hook(
+        lambda module, args, kwargs, out: calls.append(out.requires_grad), with_kwargs=True
+    )
+    plan = Plan(window_start=2, exit_rows=[0, 2, 1, 0, 1])  # 5 generated blocks after 1 context frame
+    clip = core.rollout(model, {"video": torch.zeros(1, 4, 3, 16, 16)}, seed=0, plan=plan)
+    # 1 commit of context, then per block (exit row + 1) steps and a commit
+    assert len(calls) == 1 + sum(row + 2 for row in plan.exit_rows)
+    # the window is frames 2..5: the exit steps of the blocks of frames 2, 3, 4, 5, and nothing else
+    assert [i for i, grad in enumerate(calls) if grad] == [5, 8, 10, 13]
+    clip.sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+class GaussianPosterior(nn.Module):
+    """x0 estimate for data N(mean, var) per pixel under a schedule: E[x0 | x_t], in the x0 parameterisation."""
+
+    def __init__(self, schedule: NoiseSchedule, mean: float, log_var: float, learn: bool) -> None:
+        super().__init__()
+        self.schedule = schedule
+        self.mean = nn.Parameter(torch.tensor(mean), requires_grad=learn)
+        self.log_var = nn.Parameter(torch.tensor(log_var), requires_grad=learn)
+        self.config = dataclasses.make_dataclass("C", [("num_classes", int, 0)])()
+
+    def forward(self, sample, timesteps, **_):
+        levels = (timesteps * self.schedule.levels / 1000).round().long()
+        a, s = self.schedule._coefs(levels, sample.ndim, torch.float32)
+        var = self.log_var.exp()
+        return self.mean + a * var / (a**2 * var + s**2) * (sample - a * self.mean)
+
+
+def test_distribution_matching_moves_a_gaussian_generator_to_the_data(tmp_path, teacher):
+    """1-D Gaussian toy: teacher = exact posterior of N(2, 0.25); the generator x = b + a z starts at
+    N(0, 1); the critic, a Gaussian posterior trained with the denoising loss on generated samples,
+    tracks it. The reverse KL's gradient moves the generator's mean and variance to the data's."""
+    _, config = student_config(tmp_path, teacher, "noise.parameterization=x0")
+    model, noise = load_model(teacher[0])
+    schedule = NoiseSchedule.from_name("cosine", 50)
+    config = dataclasses.replace(config, noise=dataclasses.replace(noise, parameterization="x0"))
+    config.self_forcing.min_level, config.self_forcing.max_level = 2, 48
+    core = SelfForcing(config, schedule, model)
+    data_teacher = GaussianPosterior(schedule, 2.0, math.log(0.25), learn=False)
+    critic = GaussianPosterior(schedule, 0.0, 0.0, learn=True)
+    shift = nn.Parameter(torch.tensor(0.0))
+    log_scale = nn.Parameter(torch.tensor(0.0))
+    g_opt = torch.optim.Adam([shift, log_scale], lr=0.02)
+    c_opt = torch.optim.Adam(critic.parameters(), lr=0.05)
+    gen = torch.Generator().manual_seed(0)
+    for step in range(300):
+        z = torch.randn(64, 4, 1, 1, 1, generator=gen)
+        clip = shift + log_scale.exp() * z
+        loss, _ = core.distribution_matching(data_teacher, critic, clip, seed=step, real=0, batch={})
+        g_opt.zero_grad()
+        loss.backward()
+        g_opt.step()
+        for update in range(5):
+            fake = (shift + log_scale.exp() * torch.randn(64, 4, 1, 1, 1, generator=gen)).detach()
+            c_opt.zero_grad()
+            core.loss(critic, fake, seed=10_000 * step + update).loss.backward()
+            c_opt.step()
+    assert abs(shift.item() - 2.0) < 0.15
+    assert abs(log_scale.exp().item() ** 2 - 0.25) < 0.08
+
+
+def test_trains_and_resumes_exactly(tmp_path, teacher):
+    path, config = student_config(tmp_path, teacher)
+    model = train(config)
+    assert load_model(model)[1] == load_model(teacher[0])[1]  # exported with the teacher's schedule
+    checkpoint = tmp_path / "run/checkpoints/step_00000004"
+    # generator, critic, teacher, the generator's EMA
+    names = ["model.safetensors", "model_1.safetensors", "model_2.safetensors", "custom_checkpoint_0.pkl"]
+    full = {name: load_file(checkpoint / name) for name in names[:3]}
+    # run again from the step-2 checkpoint: the same weights at step 4
+    shutil.rmtree(checkpoint)
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    train(load_config(path))
+    resumed = tmp_path / "run/checkpoints/step_00000004"
+    for name, weights in full.items():
+        again = load_file(resumed / name)
+        assert weights.keys() == again.keys()
+        for key in weights:
+            assert torch.equal(weights[key], again[key]), (name, key)
+
+
+def test_config_errors(tmp_path, teacher):
+    path, _ = student_config(tmp_path, teacher)
+    with pytest.raises(ConfigError, match="objective self_forcing needs"):
+        load_config(path, ["self_forcing=null"])
+    with pytest.raises(ConfigError, match="self_forcing: init must be teacher or ode"):
+        load_config(path, ["self_forcing.init=magic"])
+    with pytest.raises(ConfigError, match="model: self-forcing takes the teacher"):
+        train(load_config(path, ["model.num_layers=3"]))
+    with pytest.raises(ConfigError, match="must be the teacher's horizon 4"):
+        train(load_config(path, ["data.clip_frames=3"]))
+
+
+SPY = """\
+import sys
+from pathlib import Path
+from safetensors.torch import save_file
+import dforce.self_forcing as sf
+
+out = Path(sys.argv.pop(1))
+plan_rollout, export_model = sf.plan_rollout, sf.export_model
+
+
+def spy_plan(seed, *args):
+    plan = plan_rollout(seed, *args)
+    with open(out / f"plans_{sf.Accelerator().process_index}.txt", "a") as f:
+        f.write(f"{plan}\\n")
+    return plan
+
+
+def spy_export(accelerator, model, ema, config, directory):
+    state = {k: v.contiguous() for k, v in accelerator.unwrap_model(model).state_dict().items()}
+    save_file(state, out / f"weights_{accelerator.process_index}.safetensors")
+    export_model(accelerator, model, ema, config, directory)
+
+
+sf.plan_rollout, sf.export_model = spy_plan, spy_export
+from dforce.cli import main
+
+main()
+"""
+
+
+def test_two_processes_share_the_plan(tmp_path, teacher):
+    """Two ranks over gloo: the same exit steps and windows on both, and the same generator after."""
+    path, _ = student_config(tmp_path, teacher)
+    spy = tmp_path / "spy.py"
+    spy.write_text(SPY)
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1",
+        "--num_processes", "2", "--main_process_port", "29519", "--mixed_precision", "no",
+        "--dynamo_backend", "no", str(spy), str(tmp_path), "train", str(path), "train.max_steps=2",
+    ]  # fmt: skip
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    plans = [(tmp_path / f"plans_{rank}.txt").read_text().splitlines() for rank in (0, 1)]
+    assert len(plans[0]) == 2 * 2  # 2 steps x (a generator rollout + a fresh critic rollout)
+    assert plans[0] == plans[1]
+    weights = [load_file(tmp_path / f"weights_{rank}.safetensors") for rank in (0, 1)]
+    for key in weights[0]:
+        assert torch.equal(weights[0][key], weights[1][key]), key
