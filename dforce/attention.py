@@ -150,59 +150,111 @@ def attend(
 
 
 class KVCache:
-    """Keys and values of finished frames, per layer, in a rolling window of at most `max_frames` frames.
+    """Keys and values of finished frames, per layer, in a window of at most `max_frames` frames.
 
-    `start` is the absolute index of the oldest cached frame and `end` that of the next frame to feed;
-    the model places new frames at position `end`. The model appends to a layer with `append` during a
-    forward with `update_cache=True` and then calls `advance`, which drops the oldest whole blocks.
+    Preallocated: each layer's keys and values live in one buffer [B, H, capacity, D] with room after the
+    cached tokens. A forward writes only its own keys and values into that room (`room`, or `append`)
+    and attention reads the cache where it lies: nothing is concatenated. Dropping the oldest blocks
+    moves the index of the first cached token; when the room runs out, the cached tokens move to the
+    front of a buffer of twice the need, about once per window of frames.
+
+    `sink_frames` (whole blocks, counted in `max_frames`) are the first frames written; they are never
+    dropped and the window rolls over the frames after them. Keys are stored after the rotary embedding,
+    so a sink keeps the positions it was written at (0, 1, ...): far past the horizon the newest frame
+    sees it at distances the model never trained on; nothing re-encodes them.
+
+    `end` is the absolute index of the next frame to feed (the model places new frames there), `start`
+    that of the oldest frame the window can still drop (the oldest cached frame after the sink). A forward
+    with `update_cache=True` stages each layer's keys and values, then `advance` commits them and drops
+    the oldest blocks after the sink. Views from `get` and `room` are valid until the next `advance`.
     """
 
-    def __init__(self, max_frames: int, frames_per_block: int = 1) -> None:
-        if max_frames < 0 or max_frames % frames_per_block:
-            raise ValueError(
-                f"KVCache max_frames={max_frames} must be a non-negative multiple of "
-                f"frames_per_block={frames_per_block}"
-            )
-        self.max_frames = max_frames
-        self.frames_per_block = frames_per_block
-        self.keys: dict[int, torch.Tensor] = {}  # layer -> [B, H, frames * tokens, D]
+    def __init__(self, max_frames: int, frames_per_block: int = 1, sink_frames: int = 0) -> None:
+        for name, frames in ("max_frames", max_frames), ("sink_frames", sink_frames):
+            if frames < 0 or frames % frames_per_block:
+                raise ValueError(
+                    f"KVCache {name}={frames} must be a non-negative multiple of "
+                    f"frames_per_block={frames_per_block}"
+                )
+        if sink_frames > max_frames:
+            raise ValueError(f"KVCache sink_frames={sink_frames} exceeds max_frames={max_frames}")
+        self.max_frames, self.frames_per_block, self.sink_frames = max_frames, frames_per_block, sink_frames
+        self.keys: dict[int, torch.Tensor] = {}  # layer -> buffer [B, H, capacity, D]
         self.values: dict[int, torch.Tensor] = {}
-        self.frames = 0
-        self.start = 0
+        self.heads: dict[int, int] = {}  # layer -> buffer index of its first cached token
+        self.frames = 0  # cached frames, the sink included
+        self.tokens = 0  # cached tokens in each layer
+        self.end = 0
 
     @property
-    def end(self) -> int:
-        return self.start + self.frames
+    def start(self) -> int:
+        return self.end - self.frames + min(self.frames, self.sink_frames)
 
     def get(self, layer: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The cached keys and values [B, H, tokens, D] (views), or None while the cache is empty."""
+        if not self.tokens:
+            return None
+        cached = slice(self.heads[layer], self.heads[layer] + self.tokens)
+        return self.keys[layer][:, :, cached], self.values[layer][:, :, cached]
+
+    def room(self, layer: int, batch: int, tokens: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Views [B, H, cached + tokens, D] of the layer's buffers: the cached keys and values, then room
+        for `tokens` new ones, which the caller writes (staging them for `advance`). None before the
+        layer's first `append`, which sets the buffers' shape and dtype."""
         if layer not in self.keys:
             return None
-        return self.keys[layer], self.values[layer]
+        if self.keys[layer].shape[0] != batch:
+            raise ValueError(
+                f"the KV cache holds a batch of {self.keys[layer].shape[0]}, got {batch}; reset() it first"
+            )
+        span = self._span(layer, tokens)
+        return self.keys[layer][:, :, span], self.values[layer][:, :, span]
 
     def append(self, layer: int, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Stage a layer's new keys and values [B, H, L, D]; `advance` commits the frame count."""
-        if layer in self.keys:
-            keys = torch.cat([self.keys[layer], keys], dim=2)
-            values = torch.cat([self.values[layer], values], dim=2)
-        self.keys[layer], self.values[layer] = keys, values
+        """Stage a layer's new keys and values [B, H, L, D] after the cached ones (detached: the cache
+        holds finished frames, never a graph); `advance` commits them."""
+        if layer not in self.keys:  # the first write sets the buffers' batch, heads, dim and dtype
+            shape = (*keys.shape[:2], 2 * (self.tokens + keys.shape[2]), keys.shape[3])
+            self.keys[layer], self.values[layer] = keys.new_empty(shape), values.new_empty(shape)
+            self.heads[layer] = 0
+        room_keys, room_values = self.room(layer, len(keys), keys.shape[2])
+        room_keys[:, :, self.tokens :] = keys.detach()
+        room_values[:, :, self.tokens :] = values.detach()
+
+    def _span(self, layer: int, tokens: int) -> slice:
+        """The layer's cached tokens and `tokens` after them; a bigger buffer when there is no room."""
+        head, cached, need = self.heads[layer], self.tokens, self.tokens + tokens
+        if head + need > self.keys[layer].shape[2]:
+            for store in self.keys, self.values:
+                old = store[layer]
+                store[layer] = old.new_empty(*old.shape[:2], max(2 * need, old.shape[2]), old.shape[3])
+                store[layer][:, :, :cached] = old[:, :, head : head + cached]
+            self.heads[layer] = head = 0
+        return slice(head, head + need)
 
     def advance(self, frames: int, tokens_per_frame: int) -> None:
-        """Count `frames` new frames and drop the oldest blocks beyond the window."""
+        """Commit `frames` staged frames and drop the oldest blocks after the sink beyond the window."""
         if frames % self.frames_per_block:
             raise ValueError(
                 f"frames are written to the KV cache in whole blocks of {self.frames_per_block}; got {frames}"
             )
         self.frames += frames
+        self.tokens += frames * tokens_per_frame
+        self.end += frames
         drop = max(0, self.frames - self.max_frames)
         if drop:
-            for layer in self.keys:
-                self.keys[layer] = self.keys[layer][:, :, drop * tokens_per_frame :]
-                self.values[layer] = self.values[layer][:, :, drop * tokens_per_frame :]
-            self.start += drop
+            shift, sink = drop * tokens_per_frame, self.sink_frames * tokens_per_frame
+            for layer, head in self.heads.items():
+                if sink:  # the sink moves up to meet the rest of the window
+                    for buffer in self.keys[layer], self.values[layer]:
+                        moved = buffer[:, :, head : head + sink].clone()
+                        buffer[:, :, head + shift : head + shift + sink] = moved
+                self.heads[layer] = head + shift
             self.frames -= drop
+            self.tokens -= shift
 
     def reset(self) -> None:
         self.keys.clear()
         self.values.clear()
-        self.frames = 0
-        self.start = 0
+        self.heads.clear()
+        self.frames = self.tokens = self.end = 0

@@ -99,8 +99,11 @@ class TransformerBlock(nn.Module):
         rope: tuple[torch.Tensor, torch.Tensor],  # cos, sin [T * N, head_dim]
         mask: torch.Tensor | BlockMask | None,
         past: tuple[torch.Tensor, torch.Tensor] | None = None,  # cached keys, values [B, H, L, d]
+        write_past: bool = False,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """-> the new x, and this call's keys and values for the cache. Pure: no state is kept."""
+        """-> the new x, and this call's keys and values for the cache; no state is kept. With
+        `write_past`, `past` is a KV cache's buffer ending in room for this call's keys and values: they
+        are written there and attention reads the cache in place. Otherwise they are concatenated."""
         frames, tokens = x.shape[1], x.shape[2]
         shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(cond).chunk(6, dim=-1)  # [B, T, D]
 
@@ -108,9 +111,13 @@ class TransformerBlock(nn.Module):
         q, k, v = rearrange(self.qkv(h), "b t n (three h d) -> three b h (t n) d", three=3, h=self.heads)
         q = apply_rotary_emb(self.q_norm(q.float()), rope).to(v.dtype)  # norms in fp32 under autocast
         k = apply_rotary_emb(self.k_norm(k.float()), rope).to(v.dtype)
-        keys, values = (
-            (k, v) if past is None else (torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2))
-        )
+        if past is None:
+            keys, values = k, v
+        elif write_past:
+            keys, values = past
+            keys[:, :, -k.shape[2] :], values[:, :, -v.shape[2] :] = k, v
+        else:
+            keys, values = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
         h = attend(q, keys, values, mask)  # [B, H, T * N, d]
         h = rearrange(h, "b h (t n) d -> b t n (h d)", t=frames, n=tokens)
         x = x + gate1[:, :, None] * self.proj(h)
@@ -195,10 +202,29 @@ class CausalVideoTransformer(ModelMixin, ConfigMixin):
         for linear in self.modulation_out, self.proj_out:
             nn.init.zeros_(linear.weight)
 
-    def new_cache(self, max_frames: int | None = None) -> KVCache:
-        """A KV cache whose window, with one block being denoised, stays within the training horizon."""
+    def new_cache(self, max_frames: int | None = None, sink_frames: int = 0) -> KVCache:
+        """A KV cache whose window, with one block being denoised, stays within the training horizon;
+        `sink_frames` first frames are kept for good (see `KVCache`)."""
         block = self.config.frames_per_block
-        return KVCache(self.config.num_frames - block if max_frames is None else max_frames, block)
+        window = self.config.num_frames - block if max_frames is None else max_frames
+        return KVCache(window, block, sink_frames)
+
+    def _past(
+        self, cache: KVCache | None, layer: int, batch: int, tokens: int
+    ) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, bool]:
+        """A block's `past` and `write_past`. Without grad, the cache's buffer with room for the block's
+        `tokens` new keys and values, written in place (no copy of the cache). With grad, the cached
+        ones to concatenate to, so the graph holds its own copy, not the buffer that later writes change
+        (copied here too under gradient checkpointing, whose backward reruns the block)."""
+        if cache is None:
+            return None, False
+        if not torch.is_grad_enabled():
+            room = cache.room(layer, batch, tokens)
+            return room, room is not None
+        past = cache.get(layer)
+        if past is not None and self.gradient_checkpointing:
+            past = (past[0].clone(), past[1].clone())
+        return past, False
 
     def _condition(
         self, timesteps: torch.Tensor, labels: torch.Tensor | None, actions: torch.Tensor | None
@@ -292,12 +318,13 @@ class CausalVideoTransformer(ModelMixin, ConfigMixin):
         mask = attention_mask(layout, x.device, self.attention_backend, torch.is_grad_enabled())
 
         for layer, block in enumerate(self.blocks):
-            args = (x, cond, (cos, sin), mask, None if cache is None else cache.get(layer))
+            past, staged = self._past(cache, layer, batch, x.shape[1] * x.shape[2])
+            args = (x, cond, (cos, sin), mask, past, staged)
             if torch.is_grad_enabled() and self.gradient_checkpointing:
                 x, (k, v) = self._gradient_checkpointing_func(block, *args)
             else:
                 x, (k, v) = block(*args)
-            if update_cache:
+            if update_cache and not staged:
                 cache.append(layer, k, v)
         if update_cache:
             cache.advance(frames, x.shape[2])

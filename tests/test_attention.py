@@ -134,6 +134,48 @@ def test_cache_rolls_whole_blocks():
     assert cache.get(0) is None and cache.end == 0
 
 
+def test_cache_keeps_its_sink_and_rolls_the_rest():
+    cache = KVCache(max_frames=6, frames_per_block=2, sink_frames=2)
+    tokens = 3
+    for step in range(6):
+        keys = torch.full((1, 1, 2 * tokens, 1), float(step))  # two frames of block `step`
+        cache.append(0, keys, -keys)
+        cache.advance(2, tokens)
+    keys, values = cache.get(0)
+    assert keys.flatten().tolist() == [0.0] * 6 + [4.0] * 6 + [5.0] * 6  # the sink, then the newest blocks
+    assert torch.equal(values, -keys)
+    assert (cache.frames, cache.start, cache.end) == (6, 8, 12)
+    with pytest.raises(ValueError, match="sink_frames=1 must be a non-negative multiple"):
+        KVCache(max_frames=4, frames_per_block=2, sink_frames=1)
+    with pytest.raises(ValueError, match="sink_frames=6 exceeds max_frames=4"):
+        KVCache(max_frames=4, sink_frames=6)
+
+
+@pytest.mark.parametrize("sink_frames", [0, 1])
+def test_cache_writes_in_place_and_rarely_moves(sink_frames):
+    """A rollout of 100 frames through a 4-frame window: each frame is written once into the room after
+    the cached ones, which `room` hands out as views of the buffer; the buffer is replaced only when
+    the room runs out (a few times while it grows, then about once per window), not at every frame."""
+    cache = KVCache(max_frames=4, sink_frames=sink_frames)
+    buffers, frames = set(), []
+    for frame in range(100):
+        new = torch.full((2, 1, 3, 2), float(frame))  # [B, H, tokens, D]
+        room = cache.room(0, batch=2, tokens=3)
+        if room is None:
+            cache.append(0, new, new)
+        else:
+            room[0][:, :, -3:], room[1][:, :, -3:] = new, new
+            assert room[0].untyped_storage().data_ptr() == cache.keys[0].untyped_storage().data_ptr()
+        buffers.add(cache.keys[0].data_ptr())
+        cache.advance(1, tokens_per_frame=3)
+        frames.append(cache.get(0)[0][0, 0, ::3, 0].tolist())
+    assert frames[-1] == [0.0] * sink_frames + [96.0 + sink_frames + i for i in range(4 - sink_frames)]
+    assert all(f == sorted(f) and len(f) == min(4, i + 1) for i, f in enumerate(frames))
+    assert len(buffers) <= 100 // 4
+    with pytest.raises(ValueError, match="holds a batch of 2, got 3"):
+        cache.room(0, batch=3, tokens=3)
+
+
 def test_cache_checks_blocks():
     with pytest.raises(ValueError, match="multiple of frames_per_block=2"):
         KVCache(max_frames=3, frames_per_block=2)

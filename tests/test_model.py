@@ -106,6 +106,62 @@ def test_rolling_cache_past_the_horizon(frames_per_block):
     assert cache.frames == window and cache.start == 3 * HORIZON - window
 
 
+def test_sink_frames_keep_their_keys_and_positions():
+    """One layer, so a frame's keys depend on that frame alone: past the horizon a rolling cache with a
+    sink equals a cache that holds the sink and then only the newest frames, each at its own position."""
+    model = tiny(num_layers=1)
+    sample, timesteps = inputs(frames=3 * HORIZON)
+    last = slice(3 * HORIZON - 1, 3 * HORIZON)
+    rolling, plain, fresh = model.new_cache(sink_frames=2), model.new_cache(), model.new_cache(sink_frames=2)
+    with torch.no_grad():
+        for t in range(last.start):
+            for cache in rolling, plain:
+                model(sample[:, t : t + 1], timesteps[:, t : t + 1], cache=cache, update_cache=True)
+        assert (rolling.frames, rolling.start, rolling.end) == (HORIZON - 1, last.start - 3, last.start)
+        model(sample[:, :2], timesteps[:, :2], cache=fresh, update_cache=True)
+        fresh.end = rolling.start  # skip the dropped frames
+        window = slice(rolling.start, last.start)
+        model(sample[:, window], timesteps[:, window], cache=fresh, update_cache=True)
+        out = model(sample[:, last], timesteps[:, last], cache=rolling)
+        torch.testing.assert_close(out, model(sample[:, last], timesteps[:, last], cache=fresh))
+        assert not torch.allclose(out, model(sample[:, last], timesteps[:, last], cache=plain))
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_gradients_through_a_cached_forward(checkpointing):
+    """Self-forcing's pattern: frames enter the cache without grad, a forward with grad reads it and
+    writes its own frame, and more frames roll the window (moving the sink, regrowing the buffer) before
+    the backward. The gradient equals a full forward's (whose earlier frames ignore the last one), and
+    the frames written after it match a rollout without grad."""
+    model = tiny()
+    if checkpointing:
+        model.enable_gradient_checkpointing()
+    sample, timesteps = inputs(frames=2 * HORIZON)
+    new = slice(HORIZON - 1, HORIZON)
+    x = sample[:, new].clone().requires_grad_()
+    cache, reference = model.new_cache(sink_frames=1), model.new_cache(sink_frames=1)
+    with torch.no_grad():
+        for t in range(new.start):
+            for c in cache, reference:
+                model(sample[:, t : t + 1], timesteps[:, t : t + 1], cache=c, update_cache=True)
+    out = model(x, timesteps[:, new], cache=cache, update_cache=True)
+    with torch.no_grad():
+        model(sample[:, new], timesteps[:, new], cache=reference, update_cache=True)
+        later = [
+            model(sample[:, t : t + 1], timesteps[:, t : t + 1], cache=c, update_cache=True)
+            for t in range(new.stop, 2 * HORIZON)
+            for c in (cache, reference)
+        ]
+    (grad,) = torch.autograd.grad(out.square().sum(), x)
+    full_x = sample[:, : new.stop].clone().requires_grad_()
+    full = model(full_x, timesteps[:, : new.stop])[:, new]
+    (full_grad,) = torch.autograd.grad(full.square().sum(), full_x)
+    torch.testing.assert_close(out, full, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grad, full_grad[:, new], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(later[0::2], later[1::2])
+    assert not any(k.requires_grad for k in cache.keys.values())
+
+
 def test_attention_depends_on_relative_time():
     model = tiny()
     sample, timesteps = inputs()
