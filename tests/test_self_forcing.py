@@ -21,7 +21,7 @@ from torch import nn
 from dforce.config import ConfigError, load_config
 from dforce.noise import NoiseSchedule
 from dforce.sampler import load_model, rollout
-from dforce.self_forcing import Plan, SelfForcing, plan_rollout
+from dforce.self_forcing import Plan, SelfForcing, ode_pairs, plan_rollout
 from dforce.synthetic import write_bouncing_balls
 from dforce.train import train
 
@@ -128,8 +128,49 @@ def test_only_exit_steps_in_the_window_carry_gradient(tmp_path, teacher):
     assert all(p.grad is not None for p in model.parameters())
 
 
+def test_training_rollout_with_a_sink_is_the_inference_rollout(tmp_path, teacher):
+    """Past the horizon with the rolling cache and a permanent first frame, as long inference runs."""
+    _, config = student_config(tmp_path, teacher, "self_forcing.sink=1", "self_forcing.rollout_frames=12")
+    model, noise = load_model(teacher[0])
+    core = SelfForcing(dataclasses.replace(config, noise=noise), noise.build(), model)
+    video = torch.rand(1, 4, 3, 16, 16) * 2 - 1
+    plan = Plan(window_start=8, exit_rows=[2] * 11)
+    with torch.no_grad():
+        clip = core.rollout(model, {"video": video}, seed=5, plan=plan)
+    kwargs = dict(steps=3, shift=2.0, generator=torch.Generator().manual_seed(5))
+    reference = rollout(model, noise.build(), noise.parameterization, video[:, :1], 11, sink=1, **kwargs)
+    torch.testing.assert_close(clip, reference[:, 8:], rtol=0, atol=1e-6)
+    kwargs["generator"] = torch.Generator().manual_seed(5)
+    without = rollout(model, noise.build(), noise.parameterization, video[:, :1], 11, **kwargs)
+    assert (without[:, 8:] - clip).abs().max() > 1e-3  # the sink changes what the window sees
+
+
+def test_ode_pairs_lie_on_the_teachers_path(tmp_path, teacher):
+    """The ODE init's targets are the teacher's own deterministic rollout through the generator's levels,
+    and each recorded state continues to the same clean frame."""
+    _, config = student_config(tmp_path, teacher, "self_forcing.ode_sampling_steps=5")
+    model, noise = load_model(teacher[0])
+    schedule = noise.build()
+    core = SelfForcing(dataclasses.replace(config, noise=noise), schedule, model)
+    video = torch.rand(2, 4, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        clip, states, levels = ode_pairs(core, model, {"video": video}, seed=1)
+    assert levels.tolist() == core.matrix[:-1, 0].tolist() == [50, 40, 25]  # 3 steps, shift 2
+    path = sorted({50, 40, 25, 0} | {50, 40, 30, 20, 10}, reverse=True)  # with 5 teacher steps
+    matrix = torch.tensor(path)[:, None]  # [P, 1] one frame per chunk
+    reference = rollout(
+        model, schedule, noise.parameterization, video[:, :1], 3, scheduling=matrix,
+        generator=torch.Generator().manual_seed(1),
+    )  # fmt: skip
+    torch.testing.assert_close(clip, reference, rtol=0, atol=1e-6)
+    assert torch.equal(states[:, :, :1], video[None, :, :1].expand(3, -1, -1, -1, -1, -1))
+    generator = torch.Generator().manual_seed(1)
+    noise_frame = torch.randn(2, 1, 3, 16, 16, generator=generator)
+    assert torch.equal(states[0, :, 1:2], noise_frame)  # level K: the block's starting noise
+
+
 class GaussianPosterior(nn.Module):
-    """x0 estimate for data N(mean, var) per pixel under a schedule: E[x0 | x_t], in the x0 parameterisation."""
+    """E[x0 | x_t] for data N(mean, var) per pixel: an x0-parameterised denoiser, exact or learnable."""
 
     def __init__(self, schedule: NoiseSchedule, mean: float, log_var: float, learn: bool) -> None:
         super().__init__()
@@ -179,24 +220,25 @@ def test_distribution_matching_moves_a_gaussian_generator_to_the_data(tmp_path, 
 
 
 def test_trains_and_resumes_exactly(tmp_path, teacher):
-    path, config = student_config(tmp_path, teacher)
+    """One ODE-regression step, then self-forcing; killed after step 2, rerun: bitwise the same step 4."""
+    overrides = ["self_forcing.init=ode", "self_forcing.ode_steps=1", "train.max_steps=3"]
+    path, config = student_config(tmp_path, teacher, *overrides)
     model = train(config)
     assert load_model(model)[1] == load_model(teacher[0])[1]  # exported with the teacher's schedule
     checkpoint = tmp_path / "run/checkpoints/step_00000004"
-    # generator, critic, teacher, the generator's EMA
-    names = ["model.safetensors", "model_1.safetensors", "model_2.safetensors", "custom_checkpoint_0.pkl"]
-    full = {name: load_file(checkpoint / name) for name in names[:3]}
-    # run again from the step-2 checkpoint: the same weights at step 4
-    shutil.rmtree(checkpoint)
+    # the generator, the critic and the exported generator EMA
+    files = [checkpoint / "model.safetensors", checkpoint / "model_1.safetensors"]
+    files.append(model / "diffusion_pytorch_model.safetensors")
+    full = [load_file(f) for f in files]
+    shutil.rmtree(checkpoint)  # as if killed after the step-2 checkpoint
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
-    train(load_config(path))
-    resumed = tmp_path / "run/checkpoints/step_00000004"
-    for name, weights in full.items():
-        again = load_file(resumed / name)
-        assert weights.keys() == again.keys()
-        for key in weights:
-            assert torch.equal(weights[key], again[key]), (name, key)
+    train(load_config(path, overrides))
+    for before, file in zip(full, files, strict=True):
+        again = load_file(file)
+        assert before.keys() == again.keys()
+        for key in before:
+            assert torch.equal(before[key], again[key]), (file, key)
 
 
 def test_config_errors(tmp_path, teacher):
