@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 from dforce import DforceError
@@ -142,6 +143,46 @@ def sample(args: argparse.Namespace) -> None:
             args.out.removesuffix(".mp4") + "_vs_real.mp4", to_uint8(pair), fps, args.scale
         )
     print("wrote " + ", ".join(map(str, written)))
+
+
+def evaluate(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    import torch
+
+    from dforce.evaluate import EvalSettings, evaluate, read_clips, write_report
+    from dforce.sampler import load_model
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, noise = load_model(args.model)
+    model.to(device)
+    size = [g * model.config.patch_size for g in model.grid]
+    clips = read_clips(args.data, args.clips, args.context_frames + args.frames, size)
+    fields = [f.name for f in dataclasses.fields(EvalSettings)]
+    settings = EvalSettings(**{key: getattr(args, key) for key in fields})
+    result = evaluate(model, noise, clips, settings)
+    out = Path(args.out) if args.out else Path(args.model).parent / "eval"
+    written = write_report(result, out, title=f"{args.model} on {args.data}, {args.scheduling}")
+    summary = result["summary"]
+    print(", ".join(f"{key} {value:.4g}" for key, value in summary.items()))
+    print("wrote " + ", ".join(map(str, written)))
+
+
+def ablate(args: argparse.Namespace) -> None:
+    from dforce.ablate import ablate
+
+    root = ablate(
+        args.config,
+        args.weightings.split(","),
+        args.seeds,
+        args.overrides,
+        schedules=args.schedules.split(","),
+        clips=args.clips,
+        elbo_draws=args.elbo_draws,
+        out=args.out,
+    )
+    print((root / "results.md").read_text(), end="")
+    print(f"wrote {root}/results.csv, results.md, frames.csv, loss_by_level.csv and plots (*.png)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -293,11 +334,96 @@ def build_parser() -> argparse.ArgumentParser:
     sampler.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     sampler.add_argument("--out", required=True, help="FILE.mp4; FILE.gif is written beside it")
     sampler.set_defaults(run=sample)
+
+    evaluation = commands.add_parser(
+        "eval",
+        help="score a model's rollouts of held-out clips frame by frame, and its likelihood",
+        description="Continues each clip from its first --context-frames frames for --frames frames and "
+        "scores every generated frame against the real one (MSE, PSNR, SSIM; for bouncing balls the "
+        "distance of each ball, found by its colour, from the recorded physics, and whether all are "
+        "found), by frame index inside and past the training horizon. Also the ELBO (bits per 8-bit "
+        "subpixel) along the rollout's path and, with --ode-steps, the probability-flow ODE likelihood. "
+        "Writes metrics.json, metrics.csv and metrics.png to --out.",
+    )
+    evaluation.add_argument("--model", required=True, help="a model directory written by training")
+    evaluation.add_argument("--data", required=True, help="held-out shards (.tar, glob or brace pattern)")
+    evaluation.add_argument("--clips", type=int, default=16, help="the first N samples of --data")
+    evaluation.add_argument(
+        "--context-frames", type=int, default=4, help="real frames each rollout starts from"
+    )
+    evaluation.add_argument("--frames", type=int, default=28, help="frames generated after the context")
+    evaluation.add_argument(
+        "--schedule",
+        dest="scheduling",
+        default="autoregressive",
+        choices=["autoregressive", "pyramid", "sync", "teacher"],
+    )
+    evaluation.add_argument("--steps", type=int, default=10, help="denoising steps per frame")
+    evaluation.add_argument("--chunk", type=int, default=None, help="frames per scheduling matrix")
+    evaluation.add_argument("--block", type=int, default=None, help="frames denoised together (AR, pyramid)")
+    evaluation.add_argument(
+        "--offset", type=int, default=None, help="pyramid: steps between neighbouring frames"
+    )
+    evaluation.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm", "euler"])
+    evaluation.add_argument(
+        "--context-noise", type=int, default=0, help="level at which finished frames are seen"
+    )
+    evaluation.add_argument("--seed", type=int, default=0)
+    evaluation.add_argument("--batch-size", type=int, default=16, help="clips rolled out at once")
+    evaluation.add_argument(
+        "--elbo-draws", type=int, default=8, help="states drawn per clip for the ELBO; 0: none"
+    )
+    evaluation.add_argument(
+        "--ode-steps", type=int, default=0, help="Heun steps of the ODE likelihood; 0: none"
+    )
+    evaluation.add_argument("--ode-probes", type=int, default=4, help="Hutchinson probes per clip")
+    evaluation.add_argument(
+        "--ode-path",
+        default="autoregressive",
+        choices=["autoregressive", "sync"],
+        help="frames one block at a time given the past, or all together",
+    )
+    evaluation.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    evaluation.add_argument("--out", default=None, help="output folder (default: eval/ beside the model)")
+    evaluation.set_defaults(run=evaluate)
+
+    grid = commands.add_parser(
+        "ablate",
+        help="train every trajectory weighting with several seeds, evaluate and tabulate",
+        description="Trains CONFIG (with the dotted overrides) once per weighting and seed into "
+        "OUT/runs/WEIGHTING/seedS (OUT: the config's output_dir), evaluates every model on the config's "
+        "validation.shards with each sampling schedule (validation.context_frames, rollout_frames, "
+        "sampling_steps), and writes results.csv, frames.csv, loss_by_level.csv, results.md (mean +- std "
+        "over seeds) and plots. Rerunning resumes: finished runs and evaluations are skipped.",
+    )
+    grid.add_argument("config", help="YAML training config with a validation section")
+    grid.add_argument("overrides", nargs="*", metavar="key=value", help="applied to every run")
+    grid.add_argument(
+        "--weightings",
+        default="independent,paths,teacher,sync,schedule:pyramid",
+        help="comma-separated trajectory weightings (trajectory.name values)",
+    )
+    grid.add_argument("--seeds", type=int, default=3, help="runs per weighting, seeds seed, seed+1, ...")
+    grid.add_argument(
+        "--schedules",
+        default="autoregressive,pyramid,sync",
+        help="sampling schedules each model is scored with",
+    )
+    grid.add_argument("--clips", type=int, default=16, help="held-out clips every model is scored on")
+    grid.add_argument("--elbo-draws", type=int, default=8, help="states drawn per clip for the ELBO; 0: none")
+    grid.add_argument("--out", default=None, help="output folder (default: the config's output_dir)")
+    grid.set_defaults(run=ablate)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # argparse fills `overrides` at the first positional: key=value pairs after options land here.
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides, extra = [*args.overrides, *extra], []
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         args.run(args)
     except (ValueError, DforceError) as error:

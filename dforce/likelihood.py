@@ -21,7 +21,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from dforce.loss import DenoisingLoss
 from dforce.noise import NoiseSchedule
 from dforce.trajectory import Schedule, Weighting
 
@@ -70,6 +69,32 @@ def check_unit_steps(weighting: Weighting) -> None:
         )
 
 
+def _row_proposal(weighting: Schedule, schedule: NoiseSchedule) -> Tensor:
+    """Probabilities [S] of drawing each row of a one-level-step scheduling matrix: half uniform, half in
+    proportion to the row's bound for unit-variance Gaussian data, sum_j drop_j w(k_j) / (1 + SNR(k_j))
+    (w the `elbo` x0 weight, 1 / (1 + SNR) that data's posterior variance). Nearly all of a bound lies in
+    the few rows of low noise, which uniform rows rarely hit; half uniform keeps every importance weight
+    below 2."""
+    matrix = weighting.matrix  # [S+1, n]
+    levels = matrix[:-1]
+    kl = schedule.loss_weight("elbo", levels, "x0") / (1 + schedule.snr(levels))  # [S, n]
+    mass = ((matrix[:-1] - matrix[1:]) * kl).sum(dim=1)  # [S]
+    return 0.5 / len(mass) + 0.5 * mass / mass.sum()
+
+
+def _draw_states(
+    weighting: Weighting, batch: int, generator: torch.Generator, proposal: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """States and per-frame weights [B, T] with E[sum_j weights_j KL_j] the mean KL per edge: the
+    weighting's own `sample`, or rows of its matrix from `proposal`, importance-weighted."""
+    if proposal is None:
+        return weighting.sample(batch, generator)
+    matrix = weighting.matrix
+    rows = torch.multinomial(proposal, batch, replacement=True, generator=generator)  # [B]
+    drop = (matrix[rows] - matrix[rows + 1]).double()  # [B, n]
+    return matrix[rows], drop / (weighting.decrements * proposal[rows, None])
+
+
 @torch.no_grad()
 def elbo(
     model: nn.Module,
@@ -85,28 +110,37 @@ def elbo(
 ) -> NLL:
     """The DDPM bound -ELBO >= -log p(x0) of clips x0 [B, T, C, H, W] along `weighting`'s paths.
 
-    Each clip is scored at `draws` states with fresh noise (draw d from `seed + d`, the same for every
-    model, so models are compared on the same draws). labels [B], actions [B, T, A] if the model takes them.
+    Each clip is scored at `draws` states with fresh noise, from `seed` (the same for every model, so
+    that models are compared on the same draws). The states of a scheduling-matrix weighting (a path of
+    rows, as a rollout takes) are drawn by importance (`_row_proposal`); others from the weighting.
+    labels [B], actions [B, T, A] if the model takes them.
     """
     if x0.shape[1] != weighting.frames:
         raise ValueError(f"clips have {x0.shape[1]} frames, the weighting {weighting!r} {weighting.frames}")
     if draws < 1:
         raise ValueError(f"draws must be >= 1, got {draws}")
     check_unit_steps(weighting)
-    loss = DenoisingLoss(schedule, parameterization, weighting, level_weight="elbo", teacher_layout=False)
-    constant = loss.schedule.to(x0.device).elbo_constant(x0).sum(dim=1)  # [B]
-    dims = x0[0].numel()
+    device = x0.device
+    proposal = _row_proposal(weighting, schedule) if isinstance(weighting, Schedule) else None
+    schedule = schedule.to(device)
+    generator, noise_generator = (
+        torch.Generator().manual_seed(seed),
+        torch.Generator(device).manual_seed(seed),
+    )
+    constant = schedule.elbo_constant(x0).sum(dim=1)  # [B]
     samples = []
-    for d in range(draws):
-        state = loss.draw(x0, seed + d, labels, actions)
-        pred = model(**state.inputs)  # [B, T, C, H, W]
-        target = loss.schedule.target(x0, state.noise, state.levels, parameterization)
-        weight = loss.schedule.loss_weight("elbo", state.levels, parameterization)  # [B, T] float64
-        error = (pred.double() - target.double()).square().sum(dim=(2, 3, 4))  # [B, T] summed over elements
-        kl = (state.weights.double() * weight * error).sum(dim=1) * weighting.decrements  # [B] nats
-        samples.append(kl + constant)
+    for _ in range(draws):
+        levels, weights = _draw_states(weighting, len(x0), generator, proposal)
+        levels, weights = levels.to(device), weights.to(device)  # [B, T] each
+        noise = torch.randn(x0.shape, generator=noise_generator, device=device, dtype=x0.dtype)
+        x_t = schedule.add_noise(x0, noise, levels)
+        pred = model(x_t, schedule.timesteps(levels), labels=labels, actions=actions)  # [B, T, C, H, W]
+        target = schedule.target(x0, noise, levels, parameterization)
+        error = (pred.double() - target.double()).square().sum(dim=(2, 3, 4))  # [B, T], summed over elements
+        kl = weights.double() * schedule.loss_weight("elbo", levels, parameterization) * error
+        samples.append(kl.sum(dim=1) * weighting.decrements + constant)  # [B] nats
     nats, sem = _mean_sem(torch.stack(samples, dim=1))
-    return NLL(nats=nats.cpu(), sem=sem.cpu(), dims=dims)
+    return NLL(nats=nats.cpu(), sem=sem.cpu(), dims=x0[0].numel())
 
 
 def ode_grid(schedule: NoiseSchedule, steps: int) -> Tensor:

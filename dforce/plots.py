@@ -1,15 +1,18 @@
-"""Pictures of trajectory weightings: where in the noise-level cube each one spends its loss."""
+"""Pictures: where in the noise-level cube each trajectory weighting spends its loss, and metric curves."""
 
 from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from matplotlib.figure import Figure
 
 from dforce.trajectory import Weighting
+
+Curve = tuple[Sequence[float], Sequence[float], Sequence[float] | None]  # x, y, spread (+-) or None
 
 
 def edge_mass_grid(weighting: Weighting) -> torch.Tensor:
@@ -55,6 +58,41 @@ def plot_weightings(weightings: list[Weighting], out: str | Path, samples: int =
             ax.set(xlabel="diffusion level", ylabel="frame")
         ax.set_title(repr(weighting), fontsize=8)
         fig.colorbar(image, ax=ax, shrink=0.8)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    return out
+
+
+def plot_curves(
+    panels: dict[str, dict[str, Curve]],
+    out: str | Path,
+    xlabel: str,
+    marker: float | None = None,
+    marker_label: str = "",
+    title: str | None = None,
+) -> Path:
+    """One panel per metric, one line per series (with a +- band where a spread is given); a dashed
+    vertical line at `marker` (e.g. the training horizon). Missing values (nan) leave gaps."""
+    cols = min(3, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    fig = Figure(figsize=(4.4 * cols, 3.3 * rows), layout="constrained")
+    for i, (name, series) in enumerate(panels.items()):
+        ax = fig.add_subplot(rows, cols, i + 1)
+        for label, (x, y, spread) in series.items():
+            (line,) = ax.plot(x, y, marker=".", label=label)
+            if spread is not None:
+                low = [m - s for m, s in zip(y, spread, strict=True)]
+                high = [m + s for m, s in zip(y, spread, strict=True)]
+                ax.fill_between(x, low, high, color=line.get_color(), alpha=0.2, linewidth=0)
+        if marker is not None:
+            ax.axvline(marker, color="grey", linestyle="--", linewidth=1, label=marker_label or None)
+        ax.set(xlabel=xlabel, title=name)
+        ax.grid(alpha=0.3)
+        if i == 0:
+            ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)

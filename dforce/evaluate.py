@@ -1,0 +1,300 @@
+"""`dforce eval --model DIR --data SHARDS`: how well a model continues held-out clips, frame by frame, inside
+and past its training horizon, and how likely it finds them.
+
+A rollout continues each clip from its first `context_frames` frames; every generated frame is scored
+against the real one (`dforce.metrics`: MSE, PSNR, SSIM; for bouncing balls, the distance of each ball,
+found by its colour, from the recorded physics, and whether all balls are found). Frame index t counts
+from the clip's first frame, so t < horizon (the model's `num_frames`) lies inside the training horizon.
+Scores are averaged over clips per frame index (PSNR as the mean of each frame's dB).
+
+The likelihoods score the first horizon frames of each clip (`dforce.likelihood`): the ELBO along the
+path the rollout itself takes (its scheduling matrix at one-level resolution, chunk after chunk), and,
+if asked, the probability-flow ODE. Both are reported in bits per 8-bit subpixel: the density of [-1, 1]
+pixels per unit of 0..255, i.e. bits per dimension + log2(127.5).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from dforce.data import DataConfig, SkipSample, decode_sample, read_samples, to_float
+from dforce.likelihood import NLL, elbo, ode_nll
+from dforce.metrics import ball_errors, frame_metrics
+from dforce.model import CausalVideoTransformer
+from dforce.noise import NoiseConfig
+from dforce.plots import plot_curves
+from dforce.sampler import chunk_schedule, rollout, truncate
+from dforce.trajectory import get_weighting
+
+BITS_8BIT = math.log2(127.5)  # from bits per [-1, 1] unit to bits per 0..255 unit
+METRICS = ("mse", "psnr", "ssim", "ball_error", "balls_found")
+LABELS = {
+    "mse": "MSE",
+    "psnr": "PSNR (dB)",
+    "ssim": "SSIM",
+    "ball_error": "ball position error (px)",
+    "balls_found": "frames with all balls found",
+}
+
+
+@dataclass
+class Clips:
+    """Held-out clips and what their records say about them."""
+
+    video: Tensor  # [N, T, C, H, W] float in [-1, 1]
+    balls: (
+        list[dict[str, Tensor]] | None
+    )  # per clip: states [T, n, 4] in these frames' pixels, colors, radius
+    labels: Tensor | None = None  # [N]
+    actions: Tensor | None = None  # [N, T, A]
+
+
+def _ball_record(record: dict, states: Tensor, shape: tuple[int, int]) -> dict[str, Tensor] | None:
+    """The balls of a bouncing-balls record in the pixels of frames resized (`resize_crop`: scaled to
+    cover, centre-cropped) from the record's height x width to `shape`."""
+    if "colors" not in record or "radius" not in record:
+        return None
+    height, width = record.get("height", shape[0]), record.get("width", shape[1])
+    scale = max(shape[0] / height, shape[1] / width)
+    scaled = max(shape[0], round(height * scale)), max(shape[1], round(width * scale))
+    top, left = (scaled[0] - shape[0]) // 2, (scaled[1] - shape[1]) // 2
+    xy = states[..., :2].double() * torch.tensor([scaled[1] / width, scaled[0] / height])
+    xy = xy - torch.tensor([left, top], dtype=torch.float64)
+    return {
+        "states": xy,  # [T, n, 2]
+        "colors": torch.tensor(record["colors"], dtype=torch.float64),  # [n, 3]
+        "radius": torch.tensor(record["radius"], dtype=torch.float64) * scale,  # [n]
+    }
+
+
+def read_clips(
+    shards: str | list[str], count: int, frames: int, size: int | list[int] | None = None
+) -> Clips:
+    """The first `count` samples of `shards` in order, each cut to its first `frames` frames, resized to
+    `size` (None keeps the stored size)."""
+    config = DataConfig(shards=shards, clip_frames=frames, clip_start=0, size=size, shuffle=False)
+    rng = np.random.default_rng(0)  # unused: clips start at frame 0 and are centre-cropped
+    videos, balls, labels, actions = [], [], [], []
+    for sample in read_samples(shards):
+        if len(videos) == count:
+            break
+        try:
+            clip = decode_sample(sample, config, rng)
+        except SkipSample as error:
+            raise ValueError(
+                f"{sample.get('__url__', shards)}: sample {sample['__key__']}: {error}"
+            ) from None
+        if clip["latent"]:
+            raise ValueError(f"{shards}: sample {sample['__key__']} holds latents; dforce eval scores pixels")
+        video = to_float(clip["video"])  # [T, C, H, W]
+        videos.append(video)
+        record = json.loads(sample["json"]) if "json" in sample else {}
+        has_balls = "states" in clip and video.shape[1] == 3
+        balls.append(_ball_record(record, clip["states"], tuple(video.shape[-2:])) if has_balls else None)
+        labels.append(clip.get("label"))
+        actions.append(clip.get("actions"))
+    if len(videos) < count:
+        raise ValueError(f"{shards}: {len(videos)} samples, fewer than the {count} clips asked for")
+    return Clips(
+        video=torch.stack(videos),
+        balls=balls if all(b is not None for b in balls) else None,
+        labels=torch.stack(labels) if all(x is not None for x in labels) else None,
+        actions=torch.stack(actions) if all(x is not None for x in actions) else None,
+    )
+
+
+@dataclass
+class EvalSettings:
+    """What an evaluation does; stored with its results, so a cached result is reused only for the same."""
+
+    context_frames: int = 4
+    scheduling: str = "autoregressive"  # autoregressive | pyramid | sync | teacher
+    steps: int = 10  # denoising steps per frame
+    chunk: int | None = None  # frames per scheduling matrix (`chunk_schedule`'s default if None)
+    block: int | None = None
+    offset: int | None = None  # pyramid: steps between neighbouring frames
+    sampler: str = "ddim"
+    context_noise: int = 0
+    seed: int = 0
+    batch_size: int = 16
+    elbo_draws: int = 8  # 0: no ELBO
+    ode_steps: int = 0  # 0: no ODE likelihood
+    ode_probes: int = 4
+    ode_path: str = "autoregressive"  # autoregressive | sync
+
+    def schedule_options(self) -> dict[str, int]:
+        return {k: getattr(self, k) for k in ("chunk", "block", "offset") if getattr(self, k) is not None}
+
+
+def _batches(clips: Clips, size: int):
+    for start in range(0, len(clips.video), size):
+        part = slice(start, start + size)
+        yield (
+            part,
+            clips.video[part],
+            None if clips.labels is None else clips.labels[part],
+            None if clips.actions is None else clips.actions[part],
+        )
+
+
+def rollout_scores(
+    model: CausalVideoTransformer, noise: NoiseConfig, clips: Clips, settings: EvalSettings
+) -> dict[str, Tensor]:
+    """Per clip and generated frame, float64 [N, T - context_frames] each: `mse`, `psnr`, `ssim`, and with
+    balls `ball_error` (nan where none is found) and `balls_found` (1.0 if all are)."""
+    device, known = model.device, settings.context_frames
+    if not 0 <= known < clips.video.shape[1]:
+        raise ValueError(f"context_frames must be in 0..{clips.video.shape[1] - 1}, got {known}")
+    schedule = noise.build()
+    generator = torch.Generator(device).manual_seed(settings.seed)
+    scores: dict[str, list[Tensor]] = {}
+    for part, real, labels, actions in _batches(clips, settings.batch_size):
+        fake = rollout(
+            model,
+            schedule,
+            noise.parameterization,
+            real[:, :known].to(device),
+            real.shape[1] - known,
+            scheduling=settings.scheduling,
+            steps=settings.steps,
+            sampler=settings.sampler,
+            context_noise=settings.context_noise,
+            labels=None if labels is None else labels.to(device),
+            actions=None if actions is None else actions.to(device),
+            generator=generator,
+            **settings.schedule_options(),
+        )[:, known:].cpu()  # [B, T - known, C, H, W]
+        batch = frame_metrics(fake, real[:, known:])
+        if clips.balls is not None:
+            found = [
+                ball_errors(frames, b["states"][known:], b["colors"], b["radius"])
+                for frames, b in zip(fake, clips.balls[part], strict=True)
+            ]
+            batch["ball_error"] = torch.stack([error for error, _ in found])
+            batch["balls_found"] = torch.stack([all_found for _, all_found in found]).double()
+        for name, value in batch.items():
+            scores.setdefault(name, []).append(value)
+    return {name: torch.cat(values) for name, values in scores.items()}
+
+
+def rollout_path(model: CausalVideoTransformer, levels: int, settings: EvalSettings) -> Tensor:
+    """The path a rollout of `settings` takes through one horizon of frames, at one-level resolution:
+    LongTensor [S+1, horizon] (its chunks one after another, each from all-K to all-0)."""
+    options = {"block": settings.block} if settings.block is not None else {}
+    if settings.scheduling == "pyramid":  # the offset in levels: `offset` steps of levels / steps each
+        options["offset"] = round((settings.offset or 1) * levels / settings.steps)
+    matrix, _ = chunk_schedule(model, levels, settings.scheduling, levels, settings.chunk, **options)
+    horizon, width = model.config.num_frames, matrix.shape[1]
+    rows = []
+    for start in range(0, horizon, width):
+        part = truncate(matrix, min(width, horizon - start))  # [S'+1, n]
+        full = torch.full((len(part), horizon), levels, dtype=torch.long)
+        full[:, :start] = 0
+        full[:, start : start + part.shape[1]] = part
+        rows.append(full if start == 0 else full[1:])  # a chunk's first row is the last one's final state
+    return torch.cat(rows)
+
+
+def likelihoods(
+    model: CausalVideoTransformer, noise: NoiseConfig, clips: Clips, settings: EvalSettings
+) -> dict[str, NLL]:
+    """`elbo` along the rollout's path and `ode` (if `ode_steps`) of the clips' first horizon frames."""
+    horizon, levels = model.config.num_frames, noise.levels
+    if clips.video.shape[1] < horizon:
+        raise ValueError(
+            f"the likelihoods score one horizon of {horizon} frames; clips have {clips.video.shape[1]}: "
+            "pass longer clips, or no ELBO and ODE"
+        )
+    schedule, device = noise.build(), model.device
+    weighting = get_weighting("schedule", horizon, levels, schedule=rollout_path(model, levels, settings))
+    parts: dict[str, list[NLL]] = {}
+    for _, real, labels, actions in _batches(clips, settings.batch_size):
+        x0 = real[:, :horizon].to(device)
+        extra = {
+            "labels": None if labels is None else labels.to(device),
+            "actions": None if actions is None else actions[:, :horizon].to(device),
+        }
+        if settings.elbo_draws:
+            draws, seed = settings.elbo_draws, settings.seed
+            nll = elbo(
+                model, schedule, noise.parameterization, x0, weighting, draws=draws, seed=seed, **extra
+            )
+            parts.setdefault("elbo", []).append(nll)
+        if settings.ode_steps:
+            nll = ode_nll(
+                model,
+                schedule,
+                noise.parameterization,
+                x0,
+                path=settings.ode_path,
+                block=model.config.frames_per_block,
+                steps=settings.ode_steps,
+                probes=settings.ode_probes,
+                seed=settings.seed,
+                **extra,
+            )
+            parts.setdefault("ode", []).append(nll)
+    return {
+        name: NLL(torch.cat([p.nats for p in nlls]), torch.cat([p.sem for p in nlls]), nlls[0].dims)
+        for name, nlls in parts.items()
+    }
+
+
+def _mean(values: Tensor) -> float:
+    """Mean of the finite-or-inf values, nan-free (ball errors are nan where no ball is found)."""
+    kept = values[~torch.isnan(values)]
+    return kept.mean().item() if kept.numel() else math.nan
+
+
+def evaluate(model: CausalVideoTransformer, noise: NoiseConfig, clips: Clips, settings: EvalSettings) -> dict:
+    """Scores per frame index and their summary: a JSON-ready dict."""
+    scores = rollout_scores(model, noise, clips, settings)
+    horizon, known = model.config.num_frames, settings.context_frames
+    index = list(range(known, clips.video.shape[1]))
+    frames = {"index": index}
+    summary: dict[str, float | int] = {}
+    for name, value in scores.items():  # [N, F]
+        frames[name] = [_mean(value[:, i]) for i in range(value.shape[1])]
+        inside = torch.tensor(index) < horizon
+        summary[f"{name}_in_horizon"] = _mean(value[:, inside])
+        summary[f"{name}_past_horizon"] = _mean(value[:, ~inside])
+    if settings.elbo_draws or settings.ode_steps:
+        for name, nll in likelihoods(model, noise, clips, settings).items():
+            bits, sem = nll.bits_per_dim(offset=BITS_8BIT)
+            summary[f"{name}_bits_per_dim"], summary[f"{name}_sem"] = bits, sem
+    return {
+        "horizon": horizon,
+        "clips": len(clips.video),
+        "settings": dataclasses.asdict(settings),
+        "summary": summary,
+        "frames": frames,
+    }
+
+
+def write_report(result: dict, out: str | Path, title: str = "") -> list[Path]:
+    """`metrics.json`, `metrics.csv` (one row per frame index) and `metrics.png` in `out`."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / "metrics.json", out / "metrics.csv"]
+    paths[0].write_text(json.dumps(result, indent=2) + "\n")
+    frames, horizon = result["frames"], result["horizon"]
+    names = [name for name in METRICS if name in frames]
+    with paths[1].open("w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["frame", "inside_horizon", *names])
+        for i, t in enumerate(frames["index"]):
+            writer.writerow([t, int(t < horizon), *(frames[name][i] for name in names)])
+    panels = {LABELS[name]: {"rollout": (frames["index"], frames[name], None)} for name in names}
+    paths.append(
+        plot_curves(panels, out / "metrics.png", "frame index", horizon, "training horizon", title or None)
+    )
+    return paths

@@ -1,0 +1,144 @@
+"""`dforce eval` on a tiny model and generated shards: clips read with their physics, rollout paths at
+one-level resolution, scores per frame index and their summaries, and the files written."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import pytest
+import torch
+
+from dforce.cli import main
+from dforce.evaluate import EvalSettings, evaluate, read_clips, rollout_path, rollout_scores
+from dforce.likelihood import check_unit_steps
+from dforce.metrics import ball_errors
+from dforce.model import CausalVideoTransformer
+from dforce.noise import NoiseConfig
+from dforce.synthetic import write_bouncing_balls
+from dforce.trajectory import get_weighting
+
+LEVELS = 20
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> str:
+    out = tmp_path_factory.mktemp("eval_balls")
+    write_bouncing_balls(out, num_clips=3, frames=10, size=32, num_balls=2, seed=3, prefix="val")
+    return str(out / "val-*.tar")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> str:
+    """A random tiny model saved as training saves one: weights and noise.json."""
+    torch.manual_seed(0)
+    model = CausalVideoTransformer(
+        sample_size=16, patch_size=4, num_frames=4, num_layers=1, num_attention_heads=2, attention_head_dim=8
+    )
+    out = tmp_path_factory.mktemp("model")
+    model.save_pretrained(out)
+    NoiseConfig(levels=LEVELS).save(out)
+    return str(out)
+
+
+def tiny_model() -> CausalVideoTransformer:
+    torch.manual_seed(0)
+    return CausalVideoTransformer(
+        sample_size=16, patch_size=4, num_frames=4, num_layers=1, num_attention_heads=2, attention_head_dim=8
+    ).eval()
+
+
+@pytest.mark.parametrize("size", [None, 16])
+def test_clips_come_with_their_physics_in_their_own_pixels(shards, size):
+    """Balls found in the decoded (and resized) real frames sit where the record, rescaled, says."""
+    clips = read_clips(shards, count=3, frames=8, size=size)
+    side = size or 32
+    assert clips.video.shape == (3, 8, 3, side, side) and clips.video.min() >= -1 and clips.video.max() <= 1
+    assert len(clips.balls) == 3 and clips.balls[0]["states"].shape == (8, 2, 2)
+    for frames, balls in zip(clips.video, clips.balls, strict=True):
+        error, all_found = ball_errors(frames, balls["states"], balls["colors"], balls["radius"])
+        assert all_found.all()
+        assert error.max() < 0.3 * side / 32 + 0.1  # H.264 at crf 0, and antialiased resizing
+
+
+def test_read_clips_names_a_short_clip_and_too_few_samples(shards):
+    with pytest.raises(ValueError, match=r"val-000000.tar: sample 0003_0000000: too short: 10 frames"):
+        read_clips(shards, count=1, frames=12)
+    with pytest.raises(ValueError, match="3 samples, fewer than the 5 clips"):
+        read_clips(shards, count=5, frames=8)
+
+
+@pytest.mark.parametrize(
+    ("scheduling", "options"), [("autoregressive", {}), ("pyramid", {"offset": 2}), ("sync", {})]
+)
+def test_rollout_path_is_the_rollout_at_one_level_steps(scheduling, options):
+    """Chunks one after another, each frame through every level: a path the ELBO accepts."""
+    model = tiny_model()
+    settings = EvalSettings(scheduling=scheduling, steps=5, **options)
+    path = rollout_path(model, LEVELS, settings)  # [S+1, 4]
+    assert (path[0] == LEVELS).all() and (path[-1] == 0).all()
+    drops = path[:-1] - path[1:]
+    assert ((drops == 0) | (drops == 1)).all() and (drops.sum(dim=1) > 0).all()
+    assert (drops.sum(dim=0) == LEVELS).all()  # every frame through every level
+    check_unit_steps(get_weighting("schedule", 4, LEVELS, schedule=path))
+    if scheduling == "autoregressive":
+        assert len(path) == 4 * LEVELS + 1 and (drops.sum(dim=1) == 1).all()
+    if scheduling == "pyramid":  # 2 frames a chunk, the second 2 steps x 4 levels behind the first
+        assert path[8].tolist() == [12, 20, 20, 20] and path[9].tolist() == [11, 19, 20, 20]
+    if scheduling == "sync":  # two chunks of two frames
+        assert path[LEVELS].tolist() == [0, 0, 20, 20] and len(path) == 2 * LEVELS + 1
+
+
+def test_scores_and_summary_agree(shards):
+    model, noise = tiny_model(), NoiseConfig(levels=LEVELS)
+    clips = read_clips(shards, count=3, frames=7, size=16)
+    settings = EvalSettings(context_frames=2, steps=3, batch_size=2, elbo_draws=2)
+    scores = rollout_scores(model, noise, clips, settings)
+    assert set(scores) == {"mse", "psnr", "ssim", "ball_error", "balls_found"}
+    assert all(v.shape == (3, 5) for v in scores.values())
+    torch.testing.assert_close(scores["psnr"], 10 * torch.log10(4 / scores["mse"]))
+    result = evaluate(model, noise, clips, settings)
+    frames, summary = result["frames"], result["summary"]
+    assert frames["index"] == [2, 3, 4, 5, 6] and result["horizon"] == 4
+    assert summary["mse_in_horizon"] == pytest.approx(scores["mse"][:, :2].mean().item())  # frames 2, 3
+    assert summary["mse_past_horizon"] == pytest.approx(scores["mse"][:, 2:].mean().item())
+    assert frames["psnr"][0] == pytest.approx(scores["psnr"][:, 0].mean().item())
+    assert math.isfinite(summary["elbo_bits_per_dim"]) and summary["elbo_sem"] > 0
+    again = evaluate(model, noise, clips, settings)  # seeded: the same numbers
+    assert again["summary"] == summary
+
+
+def test_cli_writes_json_csv_and_png(model_dir, shards, tmp_path, capsys):
+    out = tmp_path / "eval"
+    args = ["eval", "--model", model_dir, "--data", shards, "--clips", "2", "--context-frames", "2"]
+    main(
+        [
+            *args,
+            "--frames",
+            "6",
+            "--steps",
+            "2",
+            "--schedule",
+            "pyramid",
+            "--out",
+            str(out),
+            "--ode-steps",
+            "2",
+        ]
+    )
+    printed = capsys.readouterr().out
+    assert "psnr_past_horizon" in printed and "ode_bits_per_dim" in printed
+    result = json.loads((out / "metrics.json").read_text())
+    assert result["settings"]["scheduling"] == "pyramid" and result["clips"] == 2
+    with (out / "metrics.csv").open() as file:
+        rows = list(csv.DictReader(file))
+    assert [int(r["frame"]) for r in rows] == list(range(2, 8))
+    assert [int(r["inside_horizon"]) for r in rows] == [1, 1, 0, 0, 0, 0]
+    assert float(rows[0]["psnr"]) == pytest.approx(result["frames"]["psnr"][0])
+    assert (out / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cli_names_a_missing_model(shards, tmp_path):
+    with pytest.raises(SystemExit, match=r"no config\.json"):
+        main(["eval", "--model", str(tmp_path), "--data", shards])
