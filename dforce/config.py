@@ -117,7 +117,7 @@ class SelfForcingConfig:
     context_noise: int = 0  # level at which finished frames are seen, as in `dforce sample`
     critic_steps: int = 5  # critic updates per generator update
     critic_lr: float | None = None  # default train.lr
-    weighting: str = "independent"  # the trajectory weighting the loss levels are drawn from
+    weighting: str = "teacher"  # the weighting the loss levels are drawn from (teacher: clean history)
     min_level: int = 20  # the distribution-matching levels are clamped to min_level..max_level
     max_level: int = 980
     guidance: float = 1.0  # history guidance of the teacher (needs a teacher trained with drop_history)

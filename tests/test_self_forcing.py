@@ -142,7 +142,7 @@ def test_training_rollout_with_a_sink_is_the_inference_rollout(tmp_path, teacher
     torch.testing.assert_close(clip, reference[:, 8:], rtol=0, atol=1e-6)
     kwargs["generator"] = torch.Generator().manual_seed(5)
     without = rollout(model, noise.build(), noise.parameterization, video[:, :1], 11, **kwargs)
-    assert (without[:, 8:] - clip).abs().max() > 1e-3  # the sink changes what the window sees
+    assert (without[:, 8:] - clip).abs().max() > 1e-5  # the sink changes what the window sees
 
 
 def test_ode_pairs_lie_on_the_teachers_path(tmp_path, teacher):
@@ -186,11 +186,12 @@ class GaussianPosterior(nn.Module):
         return self.mean + a * var / (a**2 * var + s**2) * (sample - a * self.mean)
 
 
-def test_distribution_matching_moves_a_gaussian_generator_to_the_data(tmp_path, teacher):
+@pytest.mark.parametrize("weighting", ["teacher", "independent"])
+def test_distribution_matching_moves_a_gaussian_generator_to_the_data(tmp_path, teacher, weighting):
     """1-D Gaussian toy: teacher = exact posterior of N(2, 0.25); the generator x = b + a z starts at
     N(0, 1); the critic, a Gaussian posterior trained with the denoising loss on generated samples,
     tracks it. The reverse KL's gradient moves the generator's mean and variance to the data's."""
-    _, config = student_config(tmp_path, teacher, "noise.parameterization=x0")
+    _, config = student_config(tmp_path, teacher, f"self_forcing.weighting={weighting}")
     model, noise = load_model(teacher[0])
     schedule = NoiseSchedule.from_name("cosine", 50)
     config = dataclasses.replace(config, noise=dataclasses.replace(noise, parameterization="x0"))
@@ -203,7 +204,7 @@ def test_distribution_matching_moves_a_gaussian_generator_to_the_data(tmp_path, 
     g_opt = torch.optim.Adam([shift, log_scale], lr=0.02)
     c_opt = torch.optim.Adam(critic.parameters(), lr=0.05)
     gen = torch.Generator().manual_seed(0)
-    for step in range(300):
+    for step in range(800):
         z = torch.randn(64, 4, 1, 1, 1, generator=gen)
         clip = shift + log_scale.exp() * z
         loss, _ = core.distribution_matching(data_teacher, critic, clip, seed=step, real=0, batch={})
