@@ -263,9 +263,10 @@ class Meter:
     def add(self, out: LossOutput, skipped: int) -> None:
         self.loss += out.loss.detach().float()
         self.count += 1
-        bins = ((out.levels - 1).clamp(min=0) * LEVEL_BINS // self.levels)[out.trained]  # [N]
-        self.bin_sum.index_add_(0, bins, out.error[out.trained])
-        self.bin_count.index_add_(0, bins, torch.ones_like(out.error[out.trained]))
+        bins = ((out.levels - 1).clamp(min=0) * LEVEL_BINS // self.levels).flatten()  # [B * T]
+        trained = out.trained.flatten()  # a mask, not an index: selecting would wait for the device
+        self.bin_sum.index_add_(0, bins, torch.where(trained, out.error.flatten(), 0))
+        self.bin_count.index_add_(0, bins, trained.float())
         self.skipped += skipped
 
     def flush(self, accelerator: Accelerator, state: TrainState) -> dict[str, float]:
