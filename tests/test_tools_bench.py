@@ -1,7 +1,10 @@
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
+
+from dforce.model import CausalVideoTransformer
 
 BENCH = Path(__file__).parent.parent / "tools/bench.py"
 
@@ -30,18 +33,64 @@ def test_data_benchmark_prints_a_table_and_json():
     assert "loader uint8 overhead" in table and "torch" in table.splitlines()[-1]
 
 
-def test_model_benchmark_times_forward_and_backward():
-    options = ["--shapes", "tiny", "--batch", "1", "--repeat", "1", "--no-yardstick", "--json"]
-    figures = {f["figure"]: f for f in map(json.loads, bench("model", *options).splitlines())}
-    assert list(figures) == [
+TINY = [
+    "--model",
+    "num_layers=2",
+    "attention_head_dim=16",
+    "sample_size=16",
+    "--batch",
+    "2",
+    "--threads",
+    "1",
+]
+
+
+def test_train_benchmark_sets_the_step_beside_the_yardstick():
+    figures = {
+        f["figure"]: f
+        for f in map(
+            json.loads, bench("train", *TINY, "--steps", "1", "--repeat", "1", "--json").splitlines()
+        )
+    }
+    assert list(figures)[:5] == [
         "parameters",
-        "forward time",
-        "forward TFLOP/s",
+        "step time",
         "forward+backward time",
-        "forward+backward TFLOP/s",
+        "step beyond forward+backward",
+        "step useful TFLOP/s",
     ]
-    assert 4 < figures["parameters"]["value"] < 6 and figures["parameters"]["tokens"] == 512
-    assert figures["forward+backward time"]["value"] > figures["forward time"]["value"] > 0
+    assert figures["yardstick flex"]["value"] == "failed"  # no flex backward on a CPU
+    best = max(
+        (f for name, f in figures.items() if name.startswith("yardstick") and f["unit"] == "TFLOP/s"),
+        key=lambda f: f["value"],
+    )
+    variant = best["figure"].removeprefix("yardstick ").removesuffix(" TFLOP/s")
+    ratio = figures[f"step / yardstick best ({variant})"]
+    assert ratio["value"] == figures["step useful TFLOP/s"]["value"] / best["value"]
+    assert figures["step time"]["value"] > 0 and figures["parameters"]["batch"] == 2
+    assert all(f["command"].startswith("tools/bench.py train --model") for f in figures.values())
+
+
+def test_train_flops_are_counted_as_the_yardstick_counts_them():
+    spec = importlib.util.spec_from_file_location("bench", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    model = CausalVideoTransformer(
+        in_channels=3, sample_size=32, patch_size=4, num_frames=8,
+        num_layers=4, num_attention_heads=4, attention_head_dim=64,
+    )  # fmt: skip
+    d, tokens, frames = 256, 512, 8
+    linear = 2 * 4 * tokens * 4 * (3 + 1 + 8 + 6) * d * d
+    attention = 4 * 4 * 4 * tokens * tokens * d * (frames + 1) / (2 * frames)
+    assert module.useful_flops(model, batch=4) == linear + attention
+
+
+def test_memory_benchmark_checkpointing_lowers_the_peak():
+    figures = [json.loads(line) for line in bench("memory", *TINY, "--json").splitlines()]
+    plain, checkpointed, ratio = figures
+    assert (plain["checkpointing"], checkpointed["checkpointing"]) == (False, True)
+    assert 0 < checkpointed["value"] < plain["value"] and plain["unit"] == "MiB"
+    assert ratio["value"] == checkpointed["value"] / plain["value"]
 
 
 def test_rollout_benchmark_times_cached_and_recomputed_frames():

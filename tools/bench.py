@@ -2,7 +2,8 @@
 
     python tools/bench.py data                     # loader clips/s per worker vs plain decord
     python tools/bench.py data --sizes 64 --json   # machine-readable, with machine, torch and date
-    python tools/bench.py model                    # parameters, forward and backward time, vs the yardstick
+    python tools/bench.py train                    # the training step's useful TFLOP/s vs the yardstick's
+    python tools/bench.py memory                   # peak memory of a step, with and without checkpointing
     python tools/bench.py rollout                  # time per generated frame, KV-cached vs recomputed window
 
 Each figure carries the command line, the machine, the torch version and the date.
@@ -13,27 +14,35 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime
+import functools
+import importlib.util
 import io
 import json
 import os
 import platform
-import subprocess
 import sys
 import tempfile
 import time
+import types
 from collections.abc import Callable
 from pathlib import Path
 
 import decord
 import numpy as np
 import torch
+from accelerate import Accelerator
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from torch.profiler import ProfilerActivity, profile
 
-from dforce.data import DataConfig, make_loader, read_samples
+from dforce.config import Config, TrainConfig, model_kwargs
+from dforce.data import DataConfig, make_loader, read_samples, to_float
 from dforce.model import CausalVideoTransformer
 from dforce.noise import NoiseSchedule
 from dforce.sampler import History, Sampler, chunk_schedule, denoise_chunk
 from dforce.shards import ShardSink, encode_video
 from dforce.synthetic import bouncing_balls
+from dforce.train import Meter, TrainState, make_loss, optimizer_step, step_seed
 
 
 def machine() -> str:
@@ -147,23 +156,39 @@ def bench_data(args: argparse.Namespace) -> list[dict]:
 
 YARDSTICK = Path(__file__).resolve().parents[1].parent / "shared/bench/yardstick.py"
 
-# tiny: the yardstick's CPU shape (d256 L4 h4, 8 frames x 64 tokens, batch 4); base: its GPU shape's
-# ~130M-parameter model (d768 L12 h12, 16 frames x 256 tokens), at batch 1 on a CPU.
-MODEL_SHAPES = {
-    "tiny": dict(
-        in_channels=3, sample_size=32, patch_size=4, num_frames=8,
-        num_layers=4, num_attention_heads=4, attention_head_dim=64,
+# The yardstick's shapes as video models, with its batch and precision. CPU: d256 L4 h4, 8 frames x 64
+# tokens (32x32 RGB, patch 4), batch 4, fp32. GPU: d768 L12 h12 (~130M parameters), 16 frames x 256
+# tokens (32x32 latents of 4 channels, patch 2), batch 8, bf16.
+TRAIN_SHAPES = {
+    "cpu": (
+        dict(in_channels=3, sample_size=32, patch_size=4, num_frames=8,
+             num_layers=4, num_attention_heads=4, attention_head_dim=64),
+        4,
+        "no",
     ),
-    "base": dict(
-        in_channels=4, sample_size=32, patch_size=2, num_frames=16,
-        num_layers=12, num_attention_heads=12, attention_head_dim=64,
+    "cuda": (
+        dict(in_channels=4, sample_size=32, patch_size=2, num_frames=16,
+             num_layers=12, num_attention_heads=12, attention_head_dim=64),
+        8,
+        "bf16",
     ),
 }  # fmt: skip
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
 
 
 def useful_flops(model: CausalVideoTransformer, batch: int) -> float:
-    """Forward FLOPs counted as the yardstick counts them: the block linears per token, and the
-    block-causal part of attention."""
+    """Forward FLOPs counted as the yardstick counts them: the block linears per token (its per-token
+    adaLN modulation included, which this model computes once per frame), and the block-causal part of
+    attention."""
     config = model.config
     d, frames = config.num_attention_heads * config.attention_head_dim, config.num_frames
     tokens = frames * model.grid[0] * model.grid[1]
@@ -172,98 +197,215 @@ def useful_flops(model: CausalVideoTransformer, batch: int) -> float:
     return 2 * batch * tokens * linears + attention
 
 
-def yardstick_best(device: str) -> dict | None:
-    """The yardstick's fastest variant on this machine, run in the same command; None if it is absent."""
+def bench_config(args: argparse.Namespace, device: torch.device, checkpointing: bool = False) -> Config:
+    """A training config at the yardstick's shape for `device` (with --model overrides): the default
+    `paths` trajectories (every frame at its own level, one block-causal forward of the clip), cosine
+    noise, v-prediction, AdamW, EMA."""
+    shape, batch, precision = TRAIN_SHAPES[device.type]
+    model = {**shape, **dict(item.split("=", 1) for item in args.model)}
+    model = {key: int(value) for key, value in model.items()}
+    train = TrainConfig(
+        max_steps=1,
+        checkpoint_every=1,
+        batch_size=args.batch or batch,
+        mixed_precision=precision,
+        gradient_checkpointing=checkpointing,
+        compile=args.compile,
+    )
+    data = DataConfig(shards=[], clip_frames=model.pop("num_frames"))
+    return Config(output_dir="", seed=0, train=train, data=data, model=model)
+
+
+def training_step(
+    config: Config, device: torch.device
+) -> tuple[Callable[[int], None], CausalVideoTransformer]:
+    """One optimiser step of `dforce train` on a fixed batch, as its loop runs it: trajectory sampling,
+    noising, forward, loss, backward, loss meter, clipping, AdamW (`dforce.train.optimizer_step`), EMA.
+    The loop of `dforce.train.train` without the data loader, whose cost `bench.py data` measures."""
+    cfg = config.train
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=device.type == "cpu")
+    torch.manual_seed(config.seed)
+    model = CausalVideoTransformer(**model_kwargs(config))
+    model.attention_backend = cfg.attention_backend
+    if cfg.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    if cfg.compile if cfg.compile is not None else device.type == "cuda":
+        model.compile_repeated_blocks(fullgraph=True)
+    ema = EMAModel(model.parameters(), decay=cfg.ema_decay, foreach=True)
+    optimizer = torch.optim.AdamW(
+        model.parameters(),
+        lr=cfg.lr,
+        betas=cfg.betas,
+        weight_decay=cfg.weight_decay,
+        fused=device.type == "cuda",
+    )
+    lr_scheduler = get_scheduler("constant", optimizer)
+    model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+    ema.to(device)
+    loss_fn = make_loss(config, config.trajectory.name)
+    meter, state = Meter(loss_fn.schedule.levels, device), TrainState()
+    net = accelerator.unwrap_model(model)
+    side = [g * net.config.patch_size for g in net.grid]
+    shape = (cfg.batch_size, config.data.clip_frames, net.config.in_channels, *side)
+    video = torch.randint(0, 256, shape, dtype=torch.uint8)  # [B, T, C, H, W], as the loader gives it
+    if device.type == "cuda":
+        video = video.pin_memory()
+
+    def step(index: int) -> None:
+        model.train()
+        x0 = to_float(video.to(device, non_blocking=True))
+        with accelerator.accumulate(model):
+            out = loss_fn(model, x0, seed=step_seed(config.seed, index, 0, 0))
+            accelerator.backward(out.loss)
+        meter.add(out, 0)
+        grad_norm = optimizer_step(accelerator, model, optimizer, lr_scheduler, cfg, state, Path())
+        if grad_norm.isfinite():
+            ema.step(model.parameters())
+
+    return step, net
+
+
+def load_yardstick(clock: Callable[[], float]) -> types.ModuleType | None:
+    """The yardstick module, timed by `clock`; None if its file is absent."""
     if not YARDSTICK.is_file():
         return None
-    done = subprocess.run(
-        [sys.executable, str(YARDSTICK), "--device", device, "--json"],
-        capture_output=True,
-        text=True,
-        check=True,
+    spec = importlib.util.spec_from_file_location("yardstick", YARDSTICK)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.time = types.SimpleNamespace(perf_counter=clock)  # its one use of `time`
+    return module
+
+
+def yardstick_variants(
+    model: CausalVideoTransformer, batch: int, device: torch.device, args: argparse.Namespace
+) -> dict[str, Callable[[], tuple[float, float]]]:
+    """The yardstick's variants as its main runs them, at this model's shape: name -> () -> (ms per
+    step, its useful TFLOP/s)."""
+    yardstick = load_yardstick(CLOCKS[args.clock]) if args.yardstick else None
+    if yardstick is None:
+        return {}
+    config = model.config
+    shape = dict(
+        d=config.num_attention_heads * config.attention_head_dim,
+        h=config.num_attention_heads,
+        layers=config.num_layers,
+        frames=config.num_frames,
+        tpf=model.grid[0] * model.grid[1],
+        batch=batch,
+        dtype="bfloat16" if device.type == "cuda" else "float32",
     )
-    lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-    return max((line for line in lines if "tflops" in line), key=lambda line: line["tflops"], default=None)
+    return {
+        f"{mode}{' compiled' if compiled else ''}": functools.partial(
+            yardstick.run, device.type, **shape, mode=mode, compile_=compiled, steps=args.steps
+        )
+        for mode in ("sdpa_full", "sdpa_mask", "flex")
+        for compiled in ((False, True) if device.type == "cuda" else (False,))
+    }
 
 
-def best_seconds(run: Callable[[], object], repeat: int) -> float:
-    """Fastest wall time of `repeat` runs after one warm-up run."""
-    run()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return min(times)
+def bench_train(args: argparse.Namespace) -> list[dict]:
+    """Rounds of: --steps training steps, --steps forward+backward passes of the bare model, and each
+    yardstick variant; the fastest round of each counts, so that load from elsewhere hits them alike."""
+    device = _device()
+    config = bench_config(args, device)
+    step, model = training_step(config, device)
+    batch = config.train.batch_size
+    side = [g * model.config.patch_size for g in model.grid]
+    sample = torch.randn(batch, model.config.num_frames, model.config.in_channels, *side, device=device)
+    timesteps = torch.randint(0, 1000, sample.shape[:2], device=device)
+    autocast = torch.autocast(device.type, torch.bfloat16, enabled=config.train.mixed_precision == "bf16")
 
-
-def model_seconds(
-    model: CausalVideoTransformer, sample: torch.Tensor, timesteps: torch.Tensor, backward: bool, repeat: int
-) -> float:
-    def run() -> None:
-        with torch.set_grad_enabled(backward):
+    def forward_backward(index: int) -> None:
+        with autocast:
             out = model(sample, timesteps)
-        if backward:
-            out.square().mean().backward()
-        if sample.device.type == "cuda":
-            torch.cuda.synchronize()
+        out.float().square().mean().backward()
+        model.zero_grad(set_to_none=True)
 
-    return best_seconds(run, repeat)
+    clock = CLOCKS[args.clock]
 
+    def ms(run: Callable[[int], None]) -> float:
+        _sync(device)
+        start = clock()
+        for index in range(args.steps):
+            run(index)
+        _sync(device)
+        return (clock() - start) / args.steps * 1e3
 
-def bench_model(args: argparse.Namespace) -> list[dict]:
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    figures = []
-    for name in args.shapes:
-        torch.manual_seed(0)
-        model = CausalVideoTransformer(**MODEL_SHAPES[name]).to(device)
-        batch = args.batch or (4 if name == "tiny" else 1)
-        config = model.config
-        sample = torch.randn(
-            batch,
-            config.num_frames,
-            config.in_channels,
-            *(g * config.patch_size for g in model.grid),
-            device=device,
-        )  # [B, T, C, H, W]
-        timesteps = torch.randint(0, 1000, (batch, config.num_frames), device=device)  # [B, T]
-        shape = {"shape": name, "batch": batch, "tokens": config.num_frames * model.grid[0] * model.grid[1]}
-        params = sum(p.numel() for p in model.parameters())
-        figures.append({"figure": "parameters", "value": params / 1e6, "unit": "M", **shape})
-
-        flops = useful_flops(model, batch)
-        for backward in (False, True) if args.backward else (False,):
-            seconds = model_seconds(model, sample, timesteps, backward, args.repeat)
-            figure, factor = ("forward+backward", 3) if backward else ("forward", 1)
-            figures.append({"figure": f"{figure} time", "value": seconds * 1e3, "unit": "ms", **shape})
+    for index in range(2):  # warm-up (and compilation)
+        step(index)
+        forward_backward(index)
+    variants = yardstick_variants(model, batch, device, args)
+    best: dict[str, tuple[float, float]] = {}
+    failed: dict[str, str] = {}
+    for _ in range(args.repeat):
+        for name, run in {"step": step, "forward+backward": forward_backward}.items():
+            best[name] = min(best.get(name, (float("inf"),)), (ms(run), 0.0))
+        for name, run in variants.items():
+            if name in failed:
+                continue
+            try:
+                best[name] = min(best.get(name, (float("inf"),)), run())
+            except Exception as error:  # as the yardstick does: one failing variant does not hide the rest
+                failed[name] = type(error).__name__
+    common = {"device": device.type, "batch": batch, "dtype": "bf16" if device.type == "cuda" else "fp32"}
+    flops = 3 * useful_flops(model, batch)
+    params = sum(p.numel() for p in model.parameters())
+    figures = [{"figure": "parameters", "value": params / 1e6, "unit": "M", **common}]
+    for name in "step", "forward+backward":
+        figures.append({"figure": f"{name} time", "value": best[name][0], "unit": "ms", **common})
+    overhead = 100 * (best["step"][0] / best["forward+backward"][0] - 1)
+    figures.append({"figure": "step beyond forward+backward", "value": overhead, "unit": "%", **common})
+    ours = flops / best["step"][0] / 1e9
+    figures.append({"figure": "step useful TFLOP/s", "value": ours, "unit": "TFLOP/s", **common})
+    for name in variants:
+        if name in failed:
+            figures.append({"figure": f"yardstick {name}", "value": "failed", "unit": failed[name], **common})
+        else:
             figures.append(
-                {
-                    "figure": f"{figure} TFLOP/s",
-                    "value": factor * flops / seconds / 1e12,
-                    "unit": "TFLOP/s",
-                    **shape,
-                }
+                {"figure": f"yardstick {name} TFLOP/s", "value": best[name][1], "unit": "TFLOP/s", **common}
             )
-        if name == "tiny" and args.backward and args.yardstick:
-            best = yardstick_best(device.type)
-            if best is not None:
-                ours = figures[-1]["value"]
-                figures.append(
-                    {
-                        "figure": f"yardstick {best['variant']} TFLOP/s",
-                        "value": best["tflops"],
-                        "unit": "TFLOP/s",
-                        **shape,
-                    }
-                )
-                figures.append(
-                    {
-                        "figure": "forward+backward / yardstick",
-                        "value": ours / best["tflops"],
-                        "unit": "x",
-                        **shape,
-                    }
-                )
+    ran = [name for name in variants if name not in failed]
+    if ran:
+        top = max(ran, key=lambda name: best[name][1])
+        ratio = ours / best[top][1]
+        figures.append({"figure": f"step / yardstick best ({top})", "value": ratio, "unit": "x", **common})
+    return figures
+
+
+def step_peak_bytes(config: Config, device: torch.device) -> int:
+    """Peak bytes allocated during one training step (after a warm-up step) above what was live before
+    it: CUDA's allocator statistics on a GPU; on a CPU the torch profiler's allocations and frees, summed
+    in time order over the top-level operations."""
+    step, _ = training_step(config, device)
+    step(0)
+    _sync(device)
+    if device.type == "cuda":
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step(1)
+        return torch.cuda.max_memory_allocated() - before
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step(1)
+    events = sorted((e for e in prof.events() if e.cpu_parent is None), key=lambda e: e.time_range.start)
+    live = peak = 0
+    for event in events:
+        live += event.cpu_memory_usage
+        peak = max(peak, live)
+    return peak
+
+
+def bench_memory(args: argparse.Namespace) -> list[dict]:
+    device = _device()
+    figures, peaks = [], {}
+    for checkpointing in False, True:
+        config = bench_config(args, device, checkpointing)
+        peaks[checkpointing] = step_peak_bytes(config, device)
+        common = {"device": device.type, "batch": config.train.batch_size, "checkpointing": checkpointing}
+        figures.append(
+            {"figure": "step peak memory", "value": peaks[checkpointing] / 2**20, "unit": "MiB", **common}
+        )
+    ratio = peaks[True] / peaks[False]
+    figures.append({"figure": "checkpointed / plain", "value": ratio, "unit": "x", "device": device.type})
     return figures
 
 
@@ -272,11 +414,6 @@ def bench_model(args: argparse.Namespace) -> list[dict]:
 ROLLOUT_SHAPE = dict(
     in_channels=3, sample_size=8, patch_size=2, num_layers=2, num_attention_heads=2, attention_head_dim=32,
 )  # fmt: skip
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 @torch.no_grad()
@@ -291,16 +428,17 @@ def frame_seconds(
     shape = (batch, 1, model.config.in_channels, *(g * model.config.patch_size for g in model.grid))
     for _ in range(prefill):
         history.commit(torch.randn(shape, device=model.device))
+    clock = CLOCKS[args.clock]
     _sync(model.device)
-    start = time.perf_counter()
+    start = clock()
     for _ in range(args.measure):
         denoise_chunk(history, torch.randn(shape, device=model.device), matrix, Sampler("ddim"))
     _sync(model.device)
-    return (time.perf_counter() - start) / args.measure
+    return (clock() - start) / args.measure
 
 
 def bench_rollout(args: argparse.Namespace) -> list[dict]:
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = _device()
     figures = []
     for horizon in args.horizons or [16, max(args.at) + args.measure]:
         torch.manual_seed(0)
@@ -343,20 +481,41 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--batch-size", type=int, default=8)
     data.add_argument("--repeat", type=int, default=3, help="runs per figure; the fastest counts")
     data.set_defaults(run=bench_data)
-    model = commands.add_parser(
-        "model",
-        help="parameters, forward and forward+backward time of the transformer",
-        description="CausalVideoTransformer at the yardstick's shapes, block-causal, fp32, best of --repeat "
-        "runs. At the tiny (yardstick CPU) shape the forward+backward useful TFLOP/s, counted as the "
-        "yardstick counts them, is also given as a ratio to the yardstick's best line from the same command "
-        f"({YARDSTICK}, when present).",
+    shapes = ", ".join(f"{k}={v}" for k, v in TRAIN_SHAPES["cpu"][0].items())
+    train = commands.add_parser(
+        "train",
+        help="the training step's useful TFLOP/s next to the yardstick's best line",
+        description="The training step of `dforce train` (trajectory sampling, noising, forward, loss, "
+        "backward, clipping, AdamW, EMA) at the yardstick's shape: on a CPU fp32, batch 4, "
+        f"{shapes}; on a GPU bf16, batch 8, the yardstick's d768 L12 h12, 16 frames x 256 tokens. Its useful "
+        "TFLOP/s, counted as the yardstick counts them, is set beside each variant of the yardstick "
+        f"({YARDSTICK}, imported and run in the same command at the same shape), and as a ratio to the "
+        "best. Also: the bare model's forward+backward, and what the rest of the step adds to it.",
     )
-    model.add_argument("--shapes", nargs="+", choices=list(MODEL_SHAPES), default=list(MODEL_SHAPES))
-    model.add_argument("--batch", type=int, default=None, help="default: 4 for tiny, 1 for base")
-    model.add_argument("--repeat", type=int, default=3, help="timed runs; the fastest counts")
-    model.add_argument("--no-backward", dest="backward", action="store_false", help="time the forward only")
-    model.add_argument("--no-yardstick", dest="yardstick", action="store_false", help="skip the yardstick")
-    model.set_defaults(run=bench_model)
+    memory = commands.add_parser(
+        "memory",
+        help="peak memory of a training step with and without activation checkpointing",
+        description="Peak memory allocated during one training step (the `train` subcommand's), above "
+        "what was live before it (weights, optimiser state, EMA), with and without activation "
+        "checkpointing. GPU: CUDA's allocator peak. CPU: the torch profiler's allocations and frees summed "
+        "in time order over top-level operations (so a peak inside one operation is not seen).",
+    )
+    for command in train, memory:
+        command.add_argument("--batch", type=int, default=None, help="default: 4 on a CPU, 8 on a GPU")
+        command.add_argument(
+            "--model", nargs="*", default=[], metavar="KEY=INT", help="override the model shape"
+        )
+        command.add_argument(
+            "--compile",
+            action=argparse.BooleanOptionalAction,
+            default=None,
+            help="regional torch.compile (train.compile; default: on a GPU only)",
+        )
+    train.add_argument("--steps", type=int, default=3, help="steps timed per round")
+    train.add_argument("--repeat", type=int, default=3, help="rounds; the fastest counts")
+    train.add_argument("--no-yardstick", dest="yardstick", action="store_false", help="skip the yardstick")
+    train.set_defaults(run=bench_train)
+    memory.set_defaults(run=bench_memory)
     rollout = commands.add_parser(
         "rollout",
         help="time per generated frame at several frame indices, KV-cached vs recomputed window",
@@ -381,6 +540,17 @@ def build_parser() -> argparse.ArgumentParser:
     rollout.add_argument("--measure", type=int, default=2, help="frames timed at each index")
     rollout.add_argument("--repeat", type=int, default=2, help="timed runs; the fastest counts")
     rollout.set_defaults(run=bench_rollout)
+    for command in train, memory, rollout:
+        command.add_argument(
+            "--threads", type=int, default=None, help="torch threads (default: torch's, one per core)"
+        )
+    for command in train, rollout:
+        command.add_argument(
+            "--clock",
+            choices=list(CLOCKS),
+            default="wall",
+            help="wall time, or this process's CPU time (with --threads 1, robust to other load)",
+        )
     for command in commands.choices.values():
         command.add_argument("--json", action="store_true", help="one JSON object per figure")
     return parser
@@ -389,6 +559,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser().parse_args(argv)
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
     report(args.run(args), argv, args.json)
 
 
