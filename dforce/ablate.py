@@ -151,7 +151,7 @@ def ablate(
     *,
     schedules: Sequence[str] = SCHEDULES,
     clips: int = 16,
-    elbo_draws: int = 8,
+    elbo_draws: int = 32,
     out: str | Path | None = None,
     progress: bool = True,
 ) -> Path:

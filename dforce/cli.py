@@ -371,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--seed", type=int, default=0)
     evaluation.add_argument("--batch-size", type=int, default=16, help="clips rolled out at once")
     evaluation.add_argument(
-        "--elbo-draws", type=int, default=8, help="states drawn per clip for the ELBO; 0: none"
+        "--elbo-draws", type=int, default=32, help="states drawn per clip for the ELBO; 0: none"
     )
     evaluation.add_argument(
         "--ode-steps", type=int, default=0, help="Heun steps of the ODE likelihood; 0: none"
@@ -410,7 +410,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="sampling schedules each model is scored with",
     )
     grid.add_argument("--clips", type=int, default=16, help="held-out clips every model is scored on")
-    grid.add_argument("--elbo-draws", type=int, default=8, help="states drawn per clip for the ELBO; 0: none")
+    grid.add_argument(
+        "--elbo-draws", type=int, default=32, help="states drawn per clip for the ELBO; 0: none"
+    )
     grid.add_argument("--out", default=None, help="output folder (default: the config's output_dir)")
     grid.set_defaults(run=ablate)
     return parser

@@ -126,7 +126,7 @@ class EvalSettings:
     context_noise: int = 0
     seed: int = 0
     batch_size: int = 16
-    elbo_draws: int = 8  # 0: no ELBO
+    elbo_draws: int = 32  # 0: no ELBO
     ode_steps: int = 0  # 0: no ODE likelihood
     ode_probes: int = 4
     ode_path: str = "autoregressive"  # autoregressive | sync

@@ -12,7 +12,9 @@ from accelerate.state import AcceleratorState, GradientState
 import dforce.ablate
 from dforce.ablate import AblationError, ablate, markdown_table
 from dforce.cli import main
+from dforce.config import load_config
 from dforce.synthetic import write_bouncing_balls
+from dforce.trajectory import get_weighting
 
 CONFIG = """\
 output_dir: {out}
@@ -104,3 +106,12 @@ def test_table_shows_missing_cells_and_single_seeds():
     table = markdown_table(rows, ["paths", "teacher"], ["sync"])
     assert "| paths | sync | 11.00 ± 1.41 | 3.00 |" in table  # one ELBO value: no spread
     assert "| teacher | sync | – | – |" in table
+
+
+def test_the_cpu_ablation_config_loads_and_scores_past_its_horizon():
+    config = load_config("configs/ablation.yaml")
+    assert config.validation.shards and config.validation.rollout_frames + 4 > 2 * config.data.clip_frames
+    for name in ("independent", "paths", "teacher", "sync", "schedule:pyramid"):
+        get_weighting(
+            name, config.data.clip_frames, config.noise.levels, cube_levels=config.trajectory.cube_levels
+        )
