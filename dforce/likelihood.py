@@ -5,7 +5,8 @@ monotone path through the cube, -log p(x) <= sum over the path's edges of the ed
 (K..K) + the decoders' normalisers; an edge that lowers frame j from k to k-1 costs the `elbo` loss weight
 times frame j's squared error. A weighting's `sample` is normalised so that E[sum_j w_j KL_j] is the mean
 KL per edge, so the bound is n*K times the `elbo`-weighted loss, plus `NoiseSchedule.elbo_constant`. It is
-estimated by Monte Carlo over states and noise ("over levels"), with its standard error.
+estimated by Monte Carlo over states and noise ("over levels"), with its standard error; the rows of a
+scheduling matrix (the path a rollout takes) are drawn by importance, since low-noise rows hold most of it.
 
 `ode_nll`: the exact log-likelihood of the probability-flow ODE (seed 003): x_0 is carried to level K by
 dx/du = alpha'(u) x0_hat + sigma'(u) eps_hat, and log p(x_0) = log N(x_K; 0, I) + int div f du, the
@@ -123,10 +124,8 @@ def elbo(
     device = x0.device
     proposal = _row_proposal(weighting, schedule) if isinstance(weighting, Schedule) else None
     schedule = schedule.to(device)
-    generator, noise_generator = (
-        torch.Generator().manual_seed(seed),
-        torch.Generator(device).manual_seed(seed),
-    )
+    generator = torch.Generator().manual_seed(seed)  # states, on the CPU like the weightings' draws
+    noise_generator = torch.Generator(device).manual_seed(seed)
     constant = schedule.elbo_constant(x0).sum(dim=1)  # [B]
     samples = []
     for _ in range(draws):
