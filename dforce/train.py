@@ -14,7 +14,7 @@ import dataclasses
 import shutil
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +24,7 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
+from torch.distributed.tensor import DTensor, distribute_tensor
 from tqdm.auto import tqdm
 
 from dforce import DforceError
@@ -89,7 +90,6 @@ def train(config: Config) -> Path:
         model.enable_gradient_checkpointing()
     if cfg.compile if cfg.compile is not None else device.type == "cuda":
         model.compile_repeated_blocks(fullgraph=True)
-    ema = EMAModel(model.parameters(), decay=cfg.ema_decay, foreach=True)
     optimizer = torch.optim.AdamW(
         model.parameters(),
         lr=cfg.lr,
@@ -105,7 +105,7 @@ def train(config: Config) -> Path:
         num_training_steps=cfg.max_steps * world,
     )
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
-    ema.to(device)
+    ema = EMA(model.parameters(), decay=cfg.ema_decay, foreach=True)  # after prepare: FSDP's shards
     state = TrainState()
     accelerator.register_for_checkpointing(ema, state)
     resumed = resume(accelerator, output / CHECKPOINTS)
@@ -283,6 +283,47 @@ class Meter:
                 logs[f"loss_by_level/{b / LEVEL_BINS:.1f}-{(b + 1) / LEVEL_BINS:.1f}"] = total / count
         self.reset()
         return logs
+
+
+def _local(tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+    """Detached aliases of the tensors, FSDP2 shards (DTensors) as this rank's plain local tensors."""
+    return [t.detach().to_local() if isinstance(t, DTensor) else t.detach() for t in tensors]
+
+
+class EMA(EMAModel):
+    """diffusers' EMAModel, whose checkpoints hold whole tensors and load back where the EMA lives.
+
+    Under FSDP2 the shadow parameters are shards (DTensors) like the parameters: swapping them in and out
+    copies local shards, saving gathers them on every rank (Accelerate calls `state_dict` on all, the main
+    process writes) and loading cuts them again. Accelerate loads checkpoints to the CPU; loading moves
+    them back to the EMA's devices.
+    """
+
+    def state_dict(self) -> dict:
+        state = super().state_dict()
+        state["shadow_params"] = [
+            p.full_tensor() if isinstance(p, DTensor) else p for p in state["shadow_params"]
+        ]
+        return state
+
+    def store(self, parameters: Iterable[torch.Tensor]) -> None:
+        super().store(_local(parameters))
+
+    def copy_to(self, parameters: Iterable[torch.Tensor]) -> None:
+        torch._foreach_copy_(_local(parameters), _local(self.shadow_params))
+
+    def restore(self, parameters: Iterable[torch.Tensor]) -> None:
+        super().restore(_local(parameters))
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        like = self.shadow_params
+        super().load_state_dict(state_dict)
+        self.shadow_params = [
+            distribute_tensor(p, old.device_mesh, old.placements)
+            if isinstance(old, DTensor)
+            else p.to(old.device)
+            for p, old in zip(self.shadow_params, like, strict=True)
+        ]
 
 
 @contextlib.contextmanager
@@ -465,12 +506,19 @@ def save_checkpoint(accelerator: Accelerator, directory: Path, step: int, keep: 
 def export_model(
     accelerator: Accelerator, model: torch.nn.Module, ema: EMAModel, config: Config, directory: Path
 ) -> None:
-    """The EMA weights as a diffusers model directory plus `noise.json`, replaced atomically."""
+    """The EMA weights as a diffusers model directory plus `noise.json`, replaced atomically. Under FSDP
+    every rank joins in gathering the whole weights, which the main process writes from a plain copy."""
     with ema_weights(ema, model):
+        net = accelerator.unwrap_model(model)
+        if accelerator.is_fsdp2:
+            state = accelerator.get_state_dict(model)
+            if accelerator.is_main_process:
+                net = CausalVideoTransformer.from_config(net.config)
+                net.load_state_dict(state)
         if accelerator.is_main_process:
             partial = directory.with_name(f".tmp-{directory.name}")
             shutil.rmtree(partial, ignore_errors=True)
-            accelerator.unwrap_model(model).save_pretrained(partial)
+            net.save_pretrained(partial)
             config.noise.save(partial)
             old = directory.with_name(f".old-{directory.name}")
             if directory.exists():
