@@ -24,6 +24,7 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, distribute_tensor
 from tqdm.auto import tqdm
 
@@ -329,13 +330,21 @@ class EMA(EMAModel):
 @contextlib.contextmanager
 def ema_weights(ema: EMAModel, model: torch.nn.Module) -> Iterator[None]:
     """The EMA weights in the model for the duration of a block (validation, export)."""
-    params = list(model.parameters())
+    params = sharded_parameters(model)
     ema.store(params)
     ema.copy_to(params)
     try:
         yield
     finally:
-        ema.restore(params)
+        ema.restore(sharded_parameters(model))
+
+
+def sharded_parameters(model: torch.nn.Module) -> list[torch.Tensor]:
+    """The parameters as the optimiser and EMA hold them: FSDP2 keeps the root module's weights gathered
+    after a forward without backward (validation), so they are sharded again first."""
+    if isinstance(model, FSDPModule):
+        model.reshard()
+    return list(model.parameters())
 
 
 def held_out_data(config: Config) -> DataConfig:
@@ -406,8 +415,9 @@ def validate(
 
 
 def held_out_clips(config: Config, accelerator: Accelerator) -> dict | None:
-    """The clips the main process rolls out from at each validation, read before training starts so that
-    a `validation` section the held-out data cannot serve fails at once, not at the first validation."""
+    """The clips the main process rolls out from at each validation (under FSDP every rank, as each takes
+    part in every forward), read before training starts so that a `validation` section the held-out data
+    cannot serve fails at once, not at the first validation."""
     val = config.validation
     data = held_out_data(config)
     frames = val.context_frames + val.rollout_frames
@@ -418,7 +428,7 @@ def held_out_clips(config: Config, accelerator: Accelerator) -> dict | None:
             rank=accelerator.process_index,
             world_size=accelerator.num_processes,
         )
-        if not (accelerator.is_main_process and val.rollout_clips):
+        if not (val.rollout_clips and (accelerator.is_main_process or accelerator.is_fsdp2)):
             return None
         rollout_data = dataclasses.replace(data, clip_frames=frames)
         return next(iter(make_loader(rollout_data, batch_size=val.rollout_clips)))
@@ -437,7 +447,8 @@ def write_rollouts(
     step: int,
     accelerator: Accelerator,
 ) -> Path:
-    """Roll out from held-out clips past the horizon; real frames on the right."""
+    """Roll out from held-out clips past the horizon; real frames on the right (written by the main
+    process)."""
     val = config.validation
     real = to_float(batch["video"].to(accelerator.device))  # [N, T, C, H, W]
     fake = rollout(
@@ -455,10 +466,11 @@ def write_rollouts(
     )
     grid = torch.cat([side_by_side(f, r) for f, r in zip(fake, real, strict=True)], dim=-2)  # [T, C, N*H, 2W]
     out = Path(config.output_dir) / "samples" / f"step_{step:08d}.mp4"
-    write_video(out, to_uint8(grid), fps=8, scale=4)
-    tracker = next((t for t in accelerator.trackers if t.name == "tensorboard"), None)
-    if tracker is not None:
-        tracker.writer.add_images("rollout", to_uint8(grid).permute(0, 3, 1, 2), step)  # [T, 3, H, W]
+    if accelerator.is_main_process:
+        write_video(out, to_uint8(grid), fps=8, scale=4)
+        tracker = next((t for t in accelerator.trackers if t.name == "tensorboard"), None)
+        if tracker is not None:
+            tracker.writer.add_images("rollout", to_uint8(grid).permute(0, 3, 1, 2), step)  # [T, 3, H, W]
     return out
 
 
