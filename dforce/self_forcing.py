@@ -33,7 +33,6 @@ import yaml
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration
 from diffusers.optimization import get_scheduler
-from diffusers.training_utils import EMAModel
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -45,6 +44,7 @@ from dforce.noise import NoiseSchedule
 from dforce.sampler import History, Sampler, chunk_schedule, denoise_step, generate, load_model
 from dforce.train import (
     CHECKPOINTS,
+    EMA,
     MODEL,
     Meter,
     TrainState,
@@ -216,7 +216,6 @@ def train_self_forcing(config: Config) -> Path:
             net.enable_gradient_checkpointing()
         if cfg.compile if cfg.compile is not None else device.type == "cuda":
             net.compile_repeated_blocks(fullgraph=True)
-    ema = EMAModel(generator.parameters(), decay=cfg.ema_decay, foreach=True)
     steps = cfg.max_steps + (sf.ode_steps if sf.init == "ode" else 0)  # the ODE regression comes first
     optimizers, schedulers = [], []
     for net, lr in (generator, cfg.lr), (critic, sf.critic_lr or cfg.lr):
@@ -240,7 +239,7 @@ def train_self_forcing(config: Config) -> Path:
         generator, critic, *optimizers, *schedulers
     )
     teacher = accelerator.prepare_model(teacher, evaluation_mode=True)  # frozen: placed, autocast, no DDP
-    ema.to(device)
+    ema = EMA(generator.parameters(), decay=cfg.ema_decay, foreach=True)  # after prepare: FSDP's shards
     state = TrainState()
     accelerator.register_for_checkpointing(ema, state)
     resumed = resume(accelerator, output / CHECKPOINTS)
