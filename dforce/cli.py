@@ -163,7 +163,7 @@ def evaluate(args: argparse.Namespace) -> None:
     result = evaluate(model, noise, clips, settings)
     out = Path(args.out) if args.out else Path(args.model).parent / "eval"
     written = write_report(result, out, title=f"{args.model} on {args.data}, {args.scheduling}")
-    summary = result["summary"]
+    summary = {**result["summary"], "frames_per_s": result["frames_per_s"]}
     print(", ".join(f"{key} {value:.4g}" for key, value in summary.items()))
     print("wrote " + ", ".join(map(str, written)))
 
@@ -363,6 +363,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--block", type=int, default=None, help="frames denoised together (AR, pyramid)")
     evaluation.add_argument(
         "--offset", type=int, default=None, help="pyramid: steps between neighbouring frames"
+    )
+    evaluation.add_argument(
+        "--shift", type=float, default=None, help="timestep shift of the steps (>1: more at high noise)"
     )
     evaluation.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm", "euler"])
     evaluation.add_argument(

@@ -19,6 +19,7 @@ import csv
 import dataclasses
 import json
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,6 +123,7 @@ class EvalSettings:
     chunk: int | None = None  # frames per scheduling matrix (`chunk_schedule`'s default if None)
     block: int | None = None
     offset: int | None = None  # pyramid: steps between neighbouring frames
+    shift: float | None = None  # timestep shift of the steps (`scheduling_matrix`)
     sampler: str = "ddim"
     context_noise: int = 0
     seed: int = 0
@@ -132,7 +134,8 @@ class EvalSettings:
     ode_path: str = "autoregressive"  # autoregressive | sync
 
     def schedule_options(self) -> dict[str, int]:
-        return {k: getattr(self, k) for k in ("chunk", "block", "offset") if getattr(self, k) is not None}
+        keys = ("chunk", "block", "offset", "shift")
+        return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
 
 
 def _batches(clips: Clips, size: int):
@@ -148,16 +151,19 @@ def _batches(clips: Clips, size: int):
 
 def rollout_scores(
     model: CausalVideoTransformer, noise: NoiseConfig, clips: Clips, settings: EvalSettings
-) -> dict[str, Tensor]:
+) -> tuple[dict[str, Tensor], float]:
     """Per clip and generated frame, float64 [N, T - context_frames] each: `mse`, `psnr`, `ssim`, and with
-    balls `ball_error` (nan where none is found) and `balls_found` (1.0 if all are)."""
+    balls `ball_error` (nan where none is found) and `balls_found` (1.0 if all are); and the frames
+    generated per second (wall time of the rollouts alone, batches of `batch_size` clips)."""
     device, known = model.device, settings.context_frames
     if not 0 <= known < clips.video.shape[1]:
         raise ValueError(f"context_frames must be in 0..{clips.video.shape[1] - 1}, got {known}")
     schedule = noise.build()
     generator = torch.Generator(device).manual_seed(settings.seed)
     scores: dict[str, list[Tensor]] = {}
+    seconds = 0.0
     for part, real, labels, actions in _batches(clips, settings.batch_size):
+        start = time.perf_counter()
         fake = rollout(
             model,
             schedule,
@@ -172,7 +178,8 @@ def rollout_scores(
             actions=None if actions is None else actions.to(device),
             generator=generator,
             **settings.schedule_options(),
-        )[:, known:].cpu()  # [B, T - known, C, H, W]
+        )[:, known:].cpu()  # [B, T - known, C, H, W]; the copy waits for the device
+        seconds += time.perf_counter() - start
         batch = frame_metrics(fake, real[:, known:])
         if clips.balls is not None:
             found = [
@@ -183,7 +190,8 @@ def rollout_scores(
             batch["balls_found"] = torch.stack([all_found for _, all_found in found]).double()
         for name, value in batch.items():
             scores.setdefault(name, []).append(value)
-    return {name: torch.cat(values) for name, values in scores.items()}
+    generated = clips.video.shape[0] * (clips.video.shape[1] - known)
+    return {name: torch.cat(values) for name, values in scores.items()}, generated / seconds
 
 
 def rollout_path(model: CausalVideoTransformer, levels: int, settings: EvalSettings) -> Tensor:
@@ -257,7 +265,7 @@ def _mean(values: Tensor) -> float:
 
 def evaluate(model: CausalVideoTransformer, noise: NoiseConfig, clips: Clips, settings: EvalSettings) -> dict:
     """Scores per frame index and their summary: a JSON-ready dict."""
-    scores = rollout_scores(model, noise, clips, settings)
+    scores, frames_per_s = rollout_scores(model, noise, clips, settings)
     horizon, known = model.config.num_frames, settings.context_frames
     index = list(range(known, clips.video.shape[1]))
     frames = {"index": index}
@@ -276,6 +284,7 @@ def evaluate(model: CausalVideoTransformer, noise: NoiseConfig, clips: Clips, se
         "clips": len(clips.video),
         "settings": dataclasses.asdict(settings),
         "summary": summary,
+        "frames_per_s": frames_per_s,
         "frames": frames,
     }
 

@@ -94,7 +94,8 @@ def test_scores_and_summary_agree(shards):
     model, noise = tiny_model(), NoiseConfig(levels=LEVELS)
     clips = read_clips(shards, count=3, frames=7, size=16)
     settings = EvalSettings(context_frames=2, steps=3, batch_size=2, elbo_draws=2)
-    scores = rollout_scores(model, noise, clips, settings)
+    scores, frames_per_s = rollout_scores(model, noise, clips, settings)
+    assert frames_per_s > 0
     assert set(scores) == {"mse", "psnr", "ssim", "ball_error", "balls_found"}
     assert all(v.shape == (3, 5) for v in scores.values())
     torch.testing.assert_close(scores["psnr"], 10 * torch.log10(4 / scores["mse"]))
