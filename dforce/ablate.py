@@ -14,7 +14,7 @@ steps a frame) with the same noise and the same ELBO draws. Written to OUT:
     results.md        the table: mean +- std over seeds
     psnr_vs_frame.png PSNR against frame index, a line per weighting, a panel per schedule
     loss_by_level.png the held-out loss per noise bin, a line per weighting
-    weightings.png    each weighting's heatmap (`dforce.plots.plot_weightings`)
+    weightings.png    each weighting's heatmap: its exact edge mass for two frames on the cube's grid
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from dforce import DforceError
 from dforce.config import Config, load_config
-from dforce.evaluate import METRICS, Clips, EvalSettings, evaluate, read_clips
+from dforce.evaluate import METRICS, Clips, EvalSettings, copy_last_frame, evaluate, read_clips, summarise
 from dforce.plots import plot_curves, plot_weightings
 from dforce.sampler import load_model
 from dforce.train import CHECKPOINTS, LEVEL_BINS, MODEL, Meter, list_checkpoints, make_loss, train
@@ -116,8 +116,11 @@ def _cell(values: Sequence[float], digits: int) -> str:
     return f"{mean:.{digits}f}" + ("" if math.isnan(std) else f" ± {std:.{digits}f}")
 
 
-def markdown_table(rows: list[dict], weightings: Sequence[str], schedules: Sequence[str]) -> str:
-    """Mean ± std over seeds, a row per weighting and schedule."""
+def markdown_table(
+    rows: list[dict], weightings: Sequence[str], schedules: Sequence[str], baseline: dict | None = None
+) -> str:
+    """Mean ± std over seeds, a row per weighting and schedule; then `baseline` (scores of copying the
+    last context frame), if given."""
     columns = [name for name, key, _ in TABLE if any(key in row for row in rows)]
     lines = [
         "| weighting | schedule | " + " | ".join(columns) + " |",
@@ -132,6 +135,11 @@ def markdown_table(rows: list[dict], weightings: Sequence[str], schedules: Seque
                 if name in columns
             ]
             lines.append(f"| {weighting} | {schedule} | " + " | ".join(values) + " |")
+    if baseline is not None:
+        values = [
+            _cell([baseline.get(key, math.nan)], digits) for name, key, digits in TABLE if name in columns
+        ]
+        lines.append("| copy the last context frame | – | " + " | ".join(values) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -233,7 +241,9 @@ def ablate(
     _write_csv(root / "frames.csv", frame_rows)
     _write_csv(root / "loss_by_level.csv", loss_rows)
     horizon = base.data.clip_frames
-    table = markdown_table(rows, weightings, schedules)
+    index = list(range(val.context_frames, eval_clips.video.shape[1]))
+    _, baseline = summarise(copy_last_frame(eval_clips, val.context_frames), index, horizon)
+    table = markdown_table(rows, weightings, schedules, baseline)
     header = (
         f"{len(weightings)} weightings x {seeds} seeds, {base.train.max_steps} steps each; {clips} held-out "
         f"clips, {val.context_frames} context frames, {val.rollout_frames} generated, horizon {horizon}, "
@@ -241,16 +251,8 @@ def ablate(
     )
     (root / "results.md").write_text(header + table)
     _plot(root, frame_rows, loss_rows, weightings, schedules, horizon)
-    plot_weightings(
-        [
-            get_weighting(
-                w, base.data.clip_frames, base.noise.levels, cube_levels=base.trajectory.cube_levels
-            )
-            for w in weightings
-        ],
-        root / "weightings.png",
-        samples=20_000,
-    )
+    cube = base.trajectory.cube_levels or 16  # two frames on the cube's K x K grid: exact, and readable
+    plot_weightings([get_weighting(w, 2, cube) for w in weightings], root / "weightings.png")
     return root
 
 

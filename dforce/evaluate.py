@@ -149,6 +149,48 @@ def _batches(clips: Clips, size: int):
         )
 
 
+def _mean(values: Tensor) -> float:
+    """Mean of the finite-or-inf values, nan-free (ball errors are nan where no ball is found)."""
+    kept = values[~torch.isnan(values)]
+    return kept.mean().item() if kept.numel() else math.nan
+
+
+def score_frames(
+    fake: Tensor, real: Tensor, balls: list[dict[str, Tensor]] | None, first: int
+) -> dict[str, Tensor]:
+    """Scores of frames fake against real [B, F, C, H, W], float64 [B, F] each; `balls` (per clip, for its
+    whole clip) are compared from frame `first` on."""
+    scores = frame_metrics(fake, real)
+    if balls is not None:
+        found = [
+            ball_errors(frames, b["states"][first : first + fake.shape[1]], b["colors"], b["radius"])
+            for frames, b in zip(fake, balls, strict=True)
+        ]
+        scores["ball_error"] = torch.stack([error for error, _ in found])
+        scores["balls_found"] = torch.stack([all_found for _, all_found in found]).double()
+    return scores
+
+
+def copy_last_frame(clips: Clips, context_frames: int) -> dict[str, Tensor]:
+    """The scores of the simplest forecast, the last context frame held still: a baseline [N, F] each."""
+    video, known = clips.video, context_frames
+    still = video[:, known - 1 : known].expand(-1, video.shape[1] - known, -1, -1, -1)
+    return score_frames(still, video[:, known:], clips.balls, known)
+
+
+def summarise(scores: dict[str, Tensor], index: list[int], horizon: int) -> tuple[dict, dict]:
+    """Scores [N, F] of frames `index` -> (the mean per frame index, the means inside and past the
+    horizon)."""
+    frames: dict[str, list] = {"index": index}
+    summary: dict[str, float] = {}
+    inside = torch.tensor(index) < horizon
+    for name, value in scores.items():
+        frames[name] = [_mean(value[:, i]) for i in range(value.shape[1])]
+        summary[f"{name}_in_horizon"] = _mean(value[:, inside])
+        summary[f"{name}_past_horizon"] = _mean(value[:, ~inside])
+    return frames, summary
+
+
 def rollout_scores(
     model: CausalVideoTransformer, noise: NoiseConfig, clips: Clips, settings: EvalSettings
 ) -> tuple[dict[str, Tensor], float]:
@@ -180,14 +222,7 @@ def rollout_scores(
             **settings.schedule_options(),
         )[:, known:].cpu()  # [B, T - known, C, H, W]; the copy waits for the device
         seconds += time.perf_counter() - start
-        batch = frame_metrics(fake, real[:, known:])
-        if clips.balls is not None:
-            found = [
-                ball_errors(frames, b["states"][known:], b["colors"], b["radius"])
-                for frames, b in zip(fake, clips.balls[part], strict=True)
-            ]
-            batch["ball_error"] = torch.stack([error for error, _ in found])
-            batch["balls_found"] = torch.stack([all_found for _, all_found in found]).double()
+        batch = score_frames(fake, real[:, known:], None if clips.balls is None else clips.balls[part], known)
         for name, value in batch.items():
             scores.setdefault(name, []).append(value)
     generated = clips.video.shape[0] * (clips.video.shape[1] - known)
@@ -257,24 +292,11 @@ def likelihoods(
     }
 
 
-def _mean(values: Tensor) -> float:
-    """Mean of the finite-or-inf values, nan-free (ball errors are nan where no ball is found)."""
-    kept = values[~torch.isnan(values)]
-    return kept.mean().item() if kept.numel() else math.nan
-
-
 def evaluate(model: CausalVideoTransformer, noise: NoiseConfig, clips: Clips, settings: EvalSettings) -> dict:
     """Scores per frame index and their summary: a JSON-ready dict."""
     scores, frames_per_s = rollout_scores(model, noise, clips, settings)
     horizon, known = model.config.num_frames, settings.context_frames
-    index = list(range(known, clips.video.shape[1]))
-    frames = {"index": index}
-    summary: dict[str, float | int] = {}
-    for name, value in scores.items():  # [N, F]
-        frames[name] = [_mean(value[:, i]) for i in range(value.shape[1])]
-        inside = torch.tensor(index) < horizon
-        summary[f"{name}_in_horizon"] = _mean(value[:, inside])
-        summary[f"{name}_past_horizon"] = _mean(value[:, ~inside])
+    frames, summary = summarise(scores, list(range(known, clips.video.shape[1])), horizon)
     if settings.elbo_draws or settings.ode_steps:
         for name, nll in likelihoods(model, noise, clips, settings).items():
             bits, sem = nll.bits_per_dim(offset=BITS_8BIT)

@@ -54,11 +54,14 @@ def test_a_tiny_grid_fills_every_cell_and_resumes(config_file, monkeypatch, caps
     printed = capsys.readouterr().out
     table = (root / "results.md").read_text()
     assert table.splitlines()[-1] in printed
-    body = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    *body, baseline = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert [line.split(" | ")[:2] for line in body] == [[f"| {w}", s] for w in WEIGHTINGS for s in SCHEDULES]
     for line in body:
         cells = [c.strip() for c in line.strip("|").split("|")[2:]]
         assert len(cells) == 6 and all(re.fullmatch(r"-?\d+\.\d+ ± \d+\.\d+", c) for c in cells), line
+    cells = [c.strip() for c in baseline.strip("|").split("|")]
+    assert cells[:2] == ["copy the last context frame", "–"] and cells[-1] == "–"  # no ELBO for a copy
+    assert all(re.fullmatch(r"\d+\.\d+", c) for c in cells[2:-1]), baseline
 
     with (root / "results.csv").open() as file:
         rows = list(csv.DictReader(file))

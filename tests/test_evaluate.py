@@ -11,7 +11,14 @@ import pytest
 import torch
 
 from dforce.cli import main
-from dforce.evaluate import EvalSettings, evaluate, read_clips, rollout_path, rollout_scores
+from dforce.evaluate import (
+    EvalSettings,
+    copy_last_frame,
+    evaluate,
+    read_clips,
+    rollout_path,
+    rollout_scores,
+)
 from dforce.likelihood import check_unit_steps
 from dforce.metrics import ball_errors
 from dforce.model import CausalVideoTransformer
@@ -108,6 +115,17 @@ def test_scores_and_summary_agree(shards):
     assert math.isfinite(summary["elbo_bits_per_dim"]) and summary["elbo_sem"] > 0
     again = evaluate(model, noise, clips, settings)  # seeded: the same numbers
     assert again["summary"] == summary
+
+
+def test_copying_the_last_frame_is_scored_like_a_rollout(shards):
+    """The baseline: frame 2 held still, scored against frames 3, 4, 5; its balls where frame 2 had them."""
+    clips = read_clips(shards, count=3, frames=6, size=16)
+    scores = copy_last_frame(clips, context_frames=3)
+    real, still = clips.video[:, 3:], clips.video[:, 2:3]
+    torch.testing.assert_close(scores["mse"], (real - still).double().square().mean(dim=(2, 3, 4)))
+    for clip, balls in enumerate(clips.balls):
+        moved = (balls["states"][3:] - balls["states"][2]).norm(dim=-1).mean(dim=-1)  # [3] mean ball travel
+        torch.testing.assert_close(scores["ball_error"][clip], moved, atol=0.3, rtol=0)
 
 
 def test_cli_writes_json_csv_and_png(model_dir, shards, tmp_path, capsys):
