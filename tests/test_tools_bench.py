@@ -87,10 +87,12 @@ def test_train_flops_are_counted_as_the_yardstick_counts_them():
 
 def test_memory_benchmark_checkpointing_lowers_the_peak():
     figures = [json.loads(line) for line in bench("memory", *TINY, "--json").splitlines()]
-    plain, checkpointed, ratio = figures
+    plain, checkpointed, ratio, saved = figures
     assert (plain["checkpointing"], checkpointed["checkpointing"]) == (False, True)
     assert 0 < checkpointed["value"] < plain["value"] and plain["unit"] == "MiB"
     assert ratio["value"] == checkpointed["value"] / plain["value"]
+    # fp32 activations per token and layer: the residual stream, q, k, v, the MLP's 4d, ... (~26 floats of d)
+    assert saved["unit"] == "bytes/d" and 60 < saved["value"] < 160
 
 
 def test_rollout_benchmark_times_cached_and_recomputed_frames():

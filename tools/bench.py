@@ -208,7 +208,7 @@ def bench_config(args: argparse.Namespace, device: torch.device, checkpointing: 
         max_steps=1,
         checkpoint_every=1,
         batch_size=args.batch or batch,
-        mixed_precision=precision,
+        mixed_precision=args.mixed_precision or precision,
         gradient_checkpointing=checkpointing,
         compile=args.compile,
     )
@@ -277,7 +277,7 @@ def load_yardstick(clock: Callable[[], float]) -> types.ModuleType | None:
 
 
 def yardstick_variants(
-    model: CausalVideoTransformer, batch: int, device: torch.device, args: argparse.Namespace
+    model: CausalVideoTransformer, batch: int, bf16: bool, device: torch.device, args: argparse.Namespace
 ) -> dict[str, Callable[[], tuple[float, float]]]:
     """The yardstick's variants as its main runs them, at this model's shape: name -> () -> (ms per
     step, its useful TFLOP/s)."""
@@ -292,7 +292,7 @@ def yardstick_variants(
         frames=config.num_frames,
         tpf=model.grid[0] * model.grid[1],
         batch=batch,
-        dtype="bfloat16" if device.type == "cuda" else "float32",
+        dtype="bfloat16" if bf16 else "float32",
     )
     return {
         f"{mode}{' compiled' if compiled else ''}": functools.partial(
@@ -313,7 +313,8 @@ def bench_train(args: argparse.Namespace) -> list[dict]:
     side = [g * model.config.patch_size for g in model.grid]
     sample = torch.randn(batch, model.config.num_frames, model.config.in_channels, *side, device=device)
     timesteps = torch.randint(0, 1000, sample.shape[:2], device=device)
-    autocast = torch.autocast(device.type, torch.bfloat16, enabled=config.train.mixed_precision == "bf16")
+    bf16 = config.train.mixed_precision == "bf16"
+    autocast = torch.autocast(device.type, torch.bfloat16, enabled=bf16)
 
     def forward_backward(index: int) -> None:
         with autocast:
@@ -334,7 +335,7 @@ def bench_train(args: argparse.Namespace) -> list[dict]:
     for index in range(2):  # warm-up (and compilation)
         step(index)
         forward_backward(index)
-    variants = yardstick_variants(model, batch, device, args)
+    variants = yardstick_variants(model, batch, bf16, device, args)
     best: dict[str, tuple[float, float]] = {}
     failed: dict[str, str] = {}
     for _ in range(args.repeat):
@@ -347,7 +348,7 @@ def bench_train(args: argparse.Namespace) -> list[dict]:
                 best[name] = min(best.get(name, (float("inf"),)), run())
             except Exception as error:  # as the yardstick does: one failing variant does not hide the rest
                 failed[name] = type(error).__name__
-    common = {"device": device.type, "batch": batch, "dtype": "bf16" if device.type == "cuda" else "fp32"}
+    common = {"device": device.type, "batch": batch, "dtype": "bf16" if bf16 else "fp32"}
     flops = 3 * useful_flops(model, batch)
     params = sum(p.numel() for p in model.parameters())
     figures = [{"figure": "parameters", "value": params / 1e6, "unit": "M", **common}]
@@ -406,7 +407,47 @@ def bench_memory(args: argparse.Namespace) -> list[dict]:
         )
     ratio = peaks[True] / peaks[False]
     figures.append({"figure": "checkpointed / plain", "value": ratio, "unit": "x", "device": device.type})
+    config = bench_config(args, device)
+    batch = config.train.batch_size
+    saved = {size: saved_bytes(config, device, size) for size in (batch, 2 * batch)}
+    model = config.model
+    width = model["num_attention_heads"] * model["attention_head_dim"]
+    tokens = batch * config.data.clip_frames * (model["sample_size"] // model["patch_size"]) ** 2
+    per_layer = (saved[2 * batch] - saved[batch]) / tokens / model["num_layers"] / width
+    dtype = "bf16 autocast" if config.train.mixed_precision == "bf16" else "fp32"
+    figures.append(
+        {
+            "figure": "saved for backward per token and layer",
+            "value": per_layer,
+            "unit": "bytes/d",
+            "dtype": dtype,
+        }
+    )
     return figures
+
+
+def saved_bytes(config: Config, device: torch.device, batch: int) -> int:
+    """Bytes of the tensors one training forward of `batch` clips keeps for the backward, each storage
+    once. The growth from one batch to another is the activations without checkpointing (weights and
+    autocast's copies of them do not grow with the batch)."""
+    torch.manual_seed(config.seed)
+    model = CausalVideoTransformer(**model_kwargs(config)).to(device)
+    loss_fn = make_loss(config, config.trajectory.name)
+    side = [g * model.config.patch_size for g in model.grid]
+    x0 = torch.rand(batch, config.data.clip_frames, model.config.in_channels, *side) * 2 - 1
+    storages: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storages[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    bf16 = config.train.mixed_precision == "bf16"
+    with (
+        torch.autocast(device.type, torch.bfloat16, enabled=bf16),
+        torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor),
+    ):
+        loss_fn(model, x0.to(device), seed=0)
+    return sum(storages.values())
 
 
 # Small frames (8x8 pixels, 16 tokens): per-frame overheads are small, so the figures show how the work
@@ -504,6 +545,12 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--batch", type=int, default=None, help="default: 4 on a CPU, 8 on a GPU")
         command.add_argument(
             "--model", nargs="*", default=[], metavar="KEY=INT", help="override the model shape"
+        )
+        command.add_argument(
+            "--mixed-precision",
+            choices=["no", "bf16"],
+            default=None,
+            help="train.mixed_precision (default: no on a CPU, bf16 on a GPU)",
         )
         command.add_argument(
             "--compile",
