@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The CPU build of torch where no NVIDIA GPU is present (an unpinned `torch` pulls a multi-GB CUDA build).
 TORCH ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
 
-.PHONY: demo test lint install clean
+.PHONY: demo self-forcing-demo test lint install clean
 
 install: $(VENV)/.installed
 
@@ -22,6 +22,21 @@ demo: install outputs/demo/data/train-000003.tar outputs/demo/data/val-000000.ta
 	$(BIN)/dforce sample --model outputs/demo/run/model --context "outputs/demo/data/val-*.tar" \
 		--context-frames 4 --frames 60 --steps 10 --seed 0 --out outputs/demo/rollout.mp4
 	$(BIN)/dforce plot-weights --frames 2 --levels 16 --out outputs/demo/weights_2frames.png
+
+# Self-forcing on the demo's model (made by `make demo` if missing): a 4-step generator trained on its own
+# rollouts (configs/self_forcing_demo.yaml; rerun to resume), then rollout error by frame index, 8x past the
+# horizon, for the teacher's 50-step sampler and the generator, and a rollout beside the real clip.
+self-forcing-demo: install outputs/demo/run/model/noise.json
+	$(BIN)/dforce train configs/self_forcing_demo.yaml
+	$(BIN)/dforce eval --model outputs/demo/run/model --data "outputs/demo/data/val-*.tar" --clips 32 \
+		--context-frames 4 --frames 60 --steps 50 --elbo-draws 0 --out outputs/demo/eval_teacher_50steps
+	$(BIN)/dforce eval --model outputs/demo/self_forcing/model --data "outputs/demo/data/val-*.tar" --clips 32 \
+		--context-frames 4 --frames 60 --steps 4 --elbo-draws 0 --out outputs/demo/eval_self_forcing_4steps
+	$(BIN)/dforce sample --model outputs/demo/self_forcing/model --context "outputs/demo/data/val-*.tar" \
+		--context-frames 4 --frames 60 --steps 4 --seed 0 --out outputs/demo/self_forcing_rollout.mp4
+
+outputs/demo/run/model/noise.json: | install
+	$(MAKE) demo
 
 outputs/demo/data/train-000003.tar: | install
 	$(BIN)/dforce make-synthetic --out outputs/demo/data --clips 1024 --frames 32 --size 32 --overwrite
