@@ -237,7 +237,7 @@ def training_step(
         lr=cfg.lr,
         betas=cfg.betas,
         weight_decay=cfg.weight_decay,
-        fused=device.type == "cuda",
+        fused=True,
     )
     lr_scheduler = get_scheduler("constant", optimizer)
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
