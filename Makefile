@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # The CPU build of torch where no NVIDIA GPU is present (an unpinned `torch` pulls a multi-GB CUDA build).
 TORCH ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
 
-.PHONY: demo self-forcing-demo test lint install clean
+.PHONY: demo self-forcing-demo ablation test lint install clean
 
 install: $(VENV)/.installed
 
@@ -34,6 +34,16 @@ self-forcing-demo: install outputs/demo/run/model/noise.json
 		--context-frames 4 --frames 60 --steps 4 --elbo-draws 0 --out outputs/demo/eval_self_forcing_4steps
 	$(BIN)/dforce sample --model outputs/demo/self_forcing/model --context "outputs/demo/data/val-*.tar" \
 		--context-frames 4 --frames 60 --steps 4 --seed 0 --out outputs/demo/self_forcing_rollout.mp4
+
+# The weighting ablation (configs/ablation.yaml; about 21 minutes on one CPU core): table and plots in
+# outputs/ablation. Rerunning skips finished runs.
+ablation: install outputs/ablation/data/val-000000.tar
+	$(BIN)/dforce ablate configs/ablation.yaml --weightings independent,paths,teacher,sync,schedule:pyramid --seeds 3
+
+outputs/ablation/data/val-000000.tar: | install
+	$(BIN)/dforce make-synthetic --out outputs/ablation/data --clips 512 --frames 12 --size 16 --balls 2 --overwrite
+	$(BIN)/dforce make-synthetic --out outputs/ablation/data --clips 16 --frames 24 --size 16 --balls 2 --seed 1 \
+		--prefix val --overwrite
 
 outputs/demo/run/model/noise.json: | install
 	$(MAKE) demo
