@@ -32,7 +32,6 @@ import torch
 import yaml
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration
-from diffusers.optimization import get_scheduler
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -53,10 +52,12 @@ from dforce.train import (
     export_model,
     flat_config,
     held_out_clips,
+    make_optimizer,
     optimizer_step,
     resume,
     save_checkpoint,
     step_seed,
+    trainable,
     validate,
 )
 from dforce.trajectory import get_weighting
@@ -207,36 +208,15 @@ def train_self_forcing(config: Config) -> Path:
     core = SelfForcing(config, schedule, teacher)
 
     teacher.requires_grad_(False)
-    generator, critic = (CausalVideoTransformer.from_pretrained(sf.teacher) for _ in range(2))
-    for net in generator, critic, teacher:
-        net.attention_backend = cfg.attention_backend
-    for net in generator, critic:
-        net.train()
-        if cfg.gradient_checkpointing:
-            net.enable_gradient_checkpointing()
-        if cfg.compile if cfg.compile is not None else device.type == "cuda":
-            net.compile_repeated_blocks(fullgraph=True)
+    teacher.attention_backend = cfg.attention_backend
+    generator, critic = (trainable(load_model(sf.teacher)[0].train(), cfg, device) for _ in range(2))
     steps = cfg.max_steps + (sf.ode_steps if sf.init == "ode" else 0)  # the ODE regression comes first
-    optimizers, schedulers = [], []
-    for net, lr in (generator, cfg.lr), (critic, sf.critic_lr or cfg.lr):
-        optimizer = torch.optim.AdamW(
-            net.parameters(),
-            lr=lr,
-            betas=cfg.betas,
-            weight_decay=cfg.weight_decay,
-            fused=device.type == "cuda",
-        )
-        optimizers.append(optimizer)
-        schedulers.append(
-            get_scheduler(
-                cfg.lr_scheduler,
-                optimizer,
-                num_warmup_steps=cfg.warmup_steps * world,
-                num_training_steps=steps * world,
-            )
-        )
+    (g_opt, g_sched), (c_opt, c_sched) = (
+        make_optimizer(net, cfg, lr, steps, world)
+        for net, lr in ((generator, cfg.lr), (critic, sf.critic_lr or cfg.lr))
+    )
     generator, critic, g_opt, c_opt, g_sched, c_sched = accelerator.prepare(
-        generator, critic, *optimizers, *schedulers
+        generator, critic, g_opt, c_opt, g_sched, c_sched
     )
     teacher = accelerator.prepare_model(teacher, evaluation_mode=True)  # frozen: placed, autocast, no DDP
     ema = EMA(generator.parameters(), decay=cfg.ema_decay, foreach=True)  # after prepare: FSDP's shards

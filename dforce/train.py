@@ -85,26 +85,8 @@ def train(config: Config) -> Path:
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
 
     torch.manual_seed(config.seed)  # the same initial weights on every process
-    model = CausalVideoTransformer(**model_kwargs(config))
-    model.attention_backend = cfg.attention_backend
-    if cfg.gradient_checkpointing:
-        model.enable_gradient_checkpointing()
-    if cfg.compile if cfg.compile is not None else device.type == "cuda":
-        model.compile_repeated_blocks(fullgraph=True)
-    optimizer = torch.optim.AdamW(
-        model.parameters(),
-        lr=cfg.lr,
-        betas=cfg.betas,
-        weight_decay=cfg.weight_decay,
-        fused=True,  # one kernel per step on CPU and GPU alike (2.7x foreach on a 2-core CPU)
-    )
-    # The prepared scheduler steps once per process per optimiser step (Accelerate's convention).
-    lr_scheduler = get_scheduler(
-        cfg.lr_scheduler,
-        optimizer,
-        num_warmup_steps=cfg.warmup_steps * world,
-        num_training_steps=cfg.max_steps * world,
-    )
+    model = trainable(CausalVideoTransformer(**model_kwargs(config)), cfg, device)
+    optimizer, lr_scheduler = make_optimizer(model, cfg, cfg.lr, cfg.max_steps, world)
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
     ema = EMA(model.parameters(), decay=cfg.ema_decay, foreach=True)  # after prepare: FSDP's shards
     state = TrainState()
@@ -177,6 +159,39 @@ def train(config: Config) -> Path:
     progress.close()
     accelerator.end_training()
     return output / MODEL
+
+
+def trainable(
+    model: CausalVideoTransformer, cfg: TrainConfig, device: torch.device
+) -> CausalVideoTransformer:
+    """The model with the config's attention backend, activation checkpointing and regional compile."""
+    model.attention_backend = cfg.attention_backend
+    if cfg.gradient_checkpointing:
+        model.enable_gradient_checkpointing()
+    if cfg.compile if cfg.compile is not None else device.type == "cuda":
+        model.compile_repeated_blocks(fullgraph=True)
+    return model
+
+
+def make_optimizer(
+    model: torch.nn.Module, cfg: TrainConfig, lr: float, steps: int, world: int
+) -> tuple[torch.optim.Optimizer, object]:
+    """AdamW and the config's learning-rate schedule over `steps` optimiser steps."""
+    optimizer = torch.optim.AdamW(
+        model.parameters(),
+        lr=lr,
+        betas=cfg.betas,
+        weight_decay=cfg.weight_decay,
+        fused=True,  # one kernel per step on CPU and GPU alike (2.7x foreach on a 2-core CPU)
+    )
+    # The prepared scheduler steps once per process per optimiser step (Accelerate's convention).
+    lr_scheduler = get_scheduler(
+        cfg.lr_scheduler,
+        optimizer,
+        num_warmup_steps=cfg.warmup_steps * world,
+        num_training_steps=steps * world,
+    )
+    return optimizer, lr_scheduler
 
 
 def optimizer_step(
