@@ -142,6 +142,8 @@ def attend(
     """Masked attention. q [B, H, Lq, D], k and v [B, H, Lk, D] -> [B, H, Lq, D]."""
     if not isinstance(mask, BlockMask):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    if torch.compiler.is_compiling():  # inside a compiled model (`train.compile`): part of its graph
+        return flex_attention(q, k, v, block_mask=mask)
     if q.device.type == "cuda":
         return _compiled_flex()(q, k, v, block_mask=mask)
     with warnings.catch_warnings():  # uncompiled flex on CPU is a slow reference path; it warns each call

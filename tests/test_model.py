@@ -211,6 +211,22 @@ def test_backends_agree(frames_per_block):
         torch.testing.assert_close(flex, sdpa, atol=1e-5, rtol=1e-5)
 
 
+def test_flex_layers_compile_without_graph_breaks():
+    """What a GPU run compiles by default: the layers with flex_attention and its block mask, traced whole
+    (the training and teacher layouts). aot_eager runs the traced graph, as a GPU's inductor would compile
+    it; inductor's CPU flex kernels are another code path."""
+    model = tiny()
+    sample, timesteps = inputs()
+    context, _ = inputs(seed=4)
+    with torch.no_grad():
+        eager = model(sample, timesteps), model(sample, timesteps, context=context)
+        model.attention_backend = "flex"
+        model.compile_repeated_blocks(fullgraph=True, backend="aot_eager")
+        compiled = model(sample, timesteps), model(sample, timesteps, context=context)
+    for a, b in zip(eager, compiled, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
 def test_save_and_load_round_trip(tmp_path):
     model = tiny(num_classes=3, action_dim=2)
     model.save_pretrained(tmp_path)
