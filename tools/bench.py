@@ -32,7 +32,6 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from diffusers.optimization import get_scheduler
-from diffusers.training_utils import EMAModel
 from torch.profiler import ProfilerActivity, profile
 
 from dforce.config import Config, TrainConfig, model_kwargs
@@ -42,7 +41,7 @@ from dforce.noise import NoiseSchedule
 from dforce.sampler import History, Sampler, chunk_schedule, denoise_chunk
 from dforce.shards import ShardSink, encode_video
 from dforce.synthetic import bouncing_balls
-from dforce.train import Meter, TrainState, make_loss, optimizer_step, step_seed
+from dforce.train import EMA, Meter, TrainState, make_loss, optimizer_step, step_seed
 
 
 def machine() -> str:
@@ -231,7 +230,6 @@ def training_step(
         model.enable_gradient_checkpointing()
     if cfg.compile if cfg.compile is not None else device.type == "cuda":
         model.compile_repeated_blocks(fullgraph=True)
-    ema = EMAModel(model.parameters(), decay=cfg.ema_decay, foreach=True)
     optimizer = torch.optim.AdamW(
         model.parameters(),
         lr=cfg.lr,
@@ -241,7 +239,7 @@ def training_step(
     )
     lr_scheduler = get_scheduler("constant", optimizer)
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
-    ema.to(device)
+    ema = EMA(model.parameters(), decay=cfg.ema_decay, foreach=True)
     loss_fn = make_loss(config, config.trajectory.name)
     meter, state = Meter(loss_fn.schedule.levels, device), TrainState()
     net = accelerator.unwrap_model(model)
