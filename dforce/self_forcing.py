@@ -29,9 +29,6 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
-from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -43,18 +40,17 @@ from dforce.noise import NoiseSchedule
 from dforce.sampler import History, Sampler, chunk_schedule, denoise_step, generate, load_model
 from dforce.train import (
     CHECKPOINTS,
-    EMA,
     MODEL,
     Meter,
-    TrainState,
+    begin,
     clip_batches,
     ema_weights,
     export_model,
     flat_config,
     held_out_clips,
+    make_accelerator,
     make_optimizer,
     optimizer_step,
-    resume,
     save_checkpoint,
     step_seed,
     trainable,
@@ -197,12 +193,7 @@ def train_self_forcing(config: Config) -> Path:
         raise ConfigError("model: self-forcing takes the teacher's architecture; remove the model section")
     teacher, noise = load_model(sf.teacher)
     config = dataclasses.replace(config, noise=noise)  # the teacher's schedule, exported with the generator
-    accelerator = Accelerator(
-        mixed_precision=cfg.mixed_precision,
-        gradient_accumulation_steps=cfg.gradient_accumulation,
-        log_with=cfg.trackers or None,
-        project_config=ProjectConfiguration(project_dir=str(output), logging_dir=str(output / "logs")),
-    )
+    accelerator = make_accelerator(config)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
     schedule = noise.build().to(device)
     core = SelfForcing(config, schedule, teacher)
@@ -219,15 +210,7 @@ def train_self_forcing(config: Config) -> Path:
         generator, critic, g_opt, c_opt, g_sched, c_sched
     )
     teacher = accelerator.prepare_model(teacher, evaluation_mode=True)  # frozen: placed, autocast, no DDP
-    ema = EMA(generator.parameters(), decay=cfg.ema_decay, foreach=True)  # after prepare: FSDP's shards
-    state = TrainState()
-    accelerator.register_for_checkpointing(ema, state)
-    resumed = resume(accelerator, output / CHECKPOINTS)
-    if accelerator.is_main_process:
-        output.mkdir(parents=True, exist_ok=True)
-        (output / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
-    if resumed:
-        accelerator.print(f"resumed from {resumed} at step {state.step}")
+    ema, state = begin(accelerator, generator, config)  # the generator's EMA
 
     clips = held_out_clips(config, accelerator) if config.validation.shards else None
     meter = Meter(schedule.levels, device)

@@ -76,27 +76,14 @@ def train(config: Config) -> Path:
 
         return train_self_forcing(config)
     cfg, output = config.train, Path(config.output_dir)
-    accelerator = Accelerator(
-        mixed_precision=cfg.mixed_precision,
-        gradient_accumulation_steps=cfg.gradient_accumulation,
-        log_with=cfg.trackers or None,
-        project_config=ProjectConfiguration(project_dir=str(output), logging_dir=str(output / "logs")),
-    )
+    accelerator = make_accelerator(config)
     device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
 
     torch.manual_seed(config.seed)  # the same initial weights on every process
     model = trainable(CausalVideoTransformer(**model_kwargs(config)), cfg, device)
     optimizer, lr_scheduler = make_optimizer(model, cfg, cfg.lr, cfg.max_steps, world)
     model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
-    ema = EMA(model.parameters(), decay=cfg.ema_decay, foreach=True)  # after prepare: FSDP's shards
-    state = TrainState()
-    accelerator.register_for_checkpointing(ema, state)
-    resumed = resume(accelerator, output / CHECKPOINTS)
-    if accelerator.is_main_process:
-        output.mkdir(parents=True, exist_ok=True)
-        (output / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
-    if resumed:
-        accelerator.print(f"resumed from {resumed} at step {state.step}")
+    ema, state = begin(accelerator, model, config)
 
     clips = held_out_clips(config, accelerator) if config.validation.shards else None
     loss_fn = make_loss(config, config.trajectory.name)
@@ -159,6 +146,32 @@ def train(config: Config) -> Path:
     progress.close()
     accelerator.end_training()
     return output / MODEL
+
+
+def make_accelerator(config: Config) -> Accelerator:
+    cfg, output = config.train, Path(config.output_dir)
+    return Accelerator(
+        mixed_precision=cfg.mixed_precision,
+        gradient_accumulation_steps=cfg.gradient_accumulation,
+        log_with=cfg.trackers or None,
+        project_config=ProjectConfiguration(project_dir=str(output), logging_dir=str(output / "logs")),
+    )
+
+
+def begin(accelerator: Accelerator, model: torch.nn.Module, config: Config) -> tuple[EMA, TrainState]:
+    """The EMA of the prepared `model` (FSDP's shards, if sharded) and the counters, registered for
+    checkpointing and loaded from the newest readable checkpoint; the config written beside them."""
+    output = Path(config.output_dir)
+    ema = EMA(model.parameters(), decay=config.train.ema_decay, foreach=True)
+    state = TrainState()
+    accelerator.register_for_checkpointing(ema, state)
+    resumed = resume(accelerator, output / CHECKPOINTS)
+    if accelerator.is_main_process:
+        output.mkdir(parents=True, exist_ok=True)
+        (output / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
+    if resumed:
+        accelerator.print(f"resumed from {resumed} at step {state.step}")
+    return ema, state
 
 
 def trainable(
