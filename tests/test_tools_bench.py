@@ -59,6 +59,9 @@ def test_train_benchmark_sets_the_step_beside_the_yardstick():
         "step beyond forward+backward",
         "step useful TFLOP/s",
     ]
+    if not (BENCH.resolve().parents[1].parent / "shared/bench/yardstick.py").exists():  # a bare clone
+        assert figures["yardstick"]["value"] == "absent" and not any("yardstick best" in f for f in figures)
+        return
     assert figures["yardstick flex"]["value"] == "failed"  # no flex backward on a CPU
     best = max(
         (f for name, f in figures.items() if name.startswith("yardstick") and f["unit"] == "TFLOP/s"),

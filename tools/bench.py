@@ -363,6 +363,8 @@ def bench_train(args: argparse.Namespace) -> list[dict]:
             figures.append(
                 {"figure": f"yardstick {name} TFLOP/s", "value": best[name][1], "unit": "TFLOP/s", **common}
             )
+    if args.yardstick and not variants:  # said, not silently left out: no ratio without the reference
+        figures.append({"figure": "yardstick", "value": "absent", "unit": str(YARDSTICK), **common})
     ran = [name for name in variants if name not in failed]
     if ran:
         top = max(ran, key=lambda name: best[name][1])
