@@ -1,8 +1,13 @@
-"""Small videos and shards made on the spot for the data tests; nothing is downloaded."""
+"""Small videos and shards made on the spot for the data tests (nothing is downloaded), and a fresh
+Accelerate state and a two-process launcher for the training tests."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
 from fractions import Fraction
 from pathlib import Path
 from types import SimpleNamespace
@@ -10,6 +15,7 @@ from types import SimpleNamespace
 import av
 import numpy as np
 import pytest
+from accelerate.state import AcceleratorState, GradientState
 
 from dforce.shards import ShardSink, encode_video
 
@@ -78,3 +84,28 @@ def write_index_shards(out: Path, shards: int, per_shard: int, frames: int = 8) 
 def index_shards(tmp_path_factory) -> list[str]:
     """8 shards x 3 samples of 8x32 videos, 8 frames each."""
     return write_index_shards(tmp_path_factory.mktemp("index_shards"), shards=8, per_shard=3)
+
+
+def reset_accelerate() -> None:
+    """Accelerate keeps its state in process-wide singletons: each in-process run must start afresh."""
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate() -> Iterator[None]:
+    yield
+    reset_accelerate()
+
+
+def launch_two_processes(script: Path, *args: str, port: int) -> subprocess.CompletedProcess:
+    """The README's two-CPU-process command: `accelerate launch` of `script` with two ranks over gloo."""
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1",
+        "--num_processes", "2", "--main_process_port", str(port), "--mixed_precision", "no",
+        "--dynamo_backend", "no", str(script), *args,
+    ]  # fmt: skip
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result

@@ -7,7 +7,6 @@ import csv
 import re
 
 import pytest
-from accelerate.state import AcceleratorState, GradientState
 
 import dforce.ablate
 from dforce.ablate import AblationError, ablate, markdown_table
@@ -28,13 +27,6 @@ validation: {{shards: "{data}/val-*.tar", every: 3, batches: 1, weightings: [tea
 """
 WEIGHTINGS = ["teacher", "schedule:pyramid"]
 SCHEDULES = ["autoregressive", "pyramid", "sync"]
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate():
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
 
 
 @pytest.fixture(scope="module")

@@ -6,15 +6,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
+from conftest import launch_two_processes, reset_accelerate
 from safetensors.torch import load_file
 from torch import nn
 
@@ -47,21 +44,13 @@ data: {{shards: "{data}/train-*.tar", clip_frames: 4, num_workers: 0, pixels: ui
 """
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate():
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-
-
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("teacher")
     write_bouncing_balls(root / "data", num_clips=8, frames=4, size=16, num_balls=1, seed=0, maxcount=8)
     (root / "teacher.yaml").write_text(TEACHER.format(out=root / "run", data=root / "data"))
     model = train(load_config(root / "teacher.yaml"))
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate()
     return model, root / "data"
 
 
@@ -232,8 +221,7 @@ def test_trains_and_resumes_exactly(tmp_path, teacher):
     files.append(model / "diffusion_pytorch_model.safetensors")
     full = [load_file(f) for f in files]
     shutil.rmtree(checkpoint)  # as if killed after the step-2 checkpoint
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
+    reset_accelerate()
     train(load_config(path, overrides))
     for before, file in zip(full, files, strict=True):
         again = load_file(file)
@@ -290,14 +278,7 @@ def test_two_processes_share_the_plan(tmp_path, teacher):
     path, _ = student_config(tmp_path, teacher)
     spy = tmp_path / "spy.py"
     spy.write_text(SPY)
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1",
-        "--num_processes", "2", "--main_process_port", "29519", "--mixed_precision", "no",
-        "--dynamo_backend", "no", str(spy), str(tmp_path), "train", str(path), "train.max_steps=2",
-    ]  # fmt: skip
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    launch_two_processes(spy, str(tmp_path), "train", str(path), "train.max_steps=2", port=29519)
     plans = [(tmp_path / f"plans_{rank}.txt").read_text().splitlines() for rank in (0, 1)]
     assert len(plans[0]) == 2 * 2  # 2 steps x (a generator rollout + a fresh critic rollout)
     assert plans[0] == plans[1]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
+from conftest import launch_two_processes, reset_accelerate
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -48,13 +48,6 @@ def config_file(tmp_path, data) -> Path:
     path = tmp_path / "run.yaml"
     path.write_text(CONFIG.format(out=tmp_path / "run", data=data))
     return path
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate():
-    yield
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
 
 
 def run_cli(*args: str, **popen) -> subprocess.Popen:
@@ -142,13 +135,13 @@ def test_damaged_checkpoint_falls_back(tmp_path, config_file, capsys):
     train(load_config(config_file, ["train.max_steps=8"]))
     latest = run / "checkpoints" / "step_00000008" / "model.safetensors"
     latest.write_bytes(latest.read_bytes()[:100])
-    AcceleratorState._reset_state(True)
+    reset_accelerate()
     train(load_config(config_file))
     out, err = capsys.readouterr()
     assert "step_00000008 is damaged" in err and "resumed from" in out and "step_00000004" in out
 
     reference = tmp_path / "reference"
-    AcceleratorState._reset_state(True)
+    reset_accelerate()
     train(load_config(config_file, [f"output_dir={reference}"]))
     assert_bitwise_equal(weights(run, 12), weights(reference, 12))  # constant lr: 8 + resume == 12
 
@@ -171,7 +164,7 @@ def test_nonfinite_steps_are_skipped_then_stop(tmp_path, config_file, monkeypatc
     state = torch.load(tmp_path / "run/checkpoints/step_00000012/custom_checkpoint_1.pkl", weights_only=True)
     assert state["nonfinite_steps"] == 2 and state["step"] == 12
 
-    AcceleratorState._reset_state(True)
+    reset_accelerate()
     calls.update(n=0, bad=set(range(7, 100)))
     with pytest.raises(
         TrainingStopped, match=r"stopped at step 9: 3 non-finite losses in a row.*step_00000008"
@@ -274,14 +267,7 @@ def test_two_processes(tmp_path, config_file):
     """The documented multi-process command on CPU: two ranks over gloo, different data, same weights."""
     spy = tmp_path / "spy.py"
     spy.write_text(textwrap.dedent(SPY))
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1",
-        "--num_processes", "2", "--main_process_port", "29517", "--mixed_precision", "no",
-        "--dynamo_backend", "no", str(spy), str(tmp_path), "train", str(config_file), "train.max_steps=4",
-    ]  # fmt: skip
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    launch_two_processes(spy, str(tmp_path), "train", str(config_file), "train.max_steps=4", port=29517)
     keys = [(tmp_path / f"keys_{rank}.txt").read_text().split() for rank in (0, 1)]
     assert len(keys[0]) == len(keys[1]) == 8  # 4 steps x batch 2 on each rank
     assert not set(keys[0]) & set(keys[1])  # one epoch of 16 clips: 4 batches a rank, disjoint
