@@ -217,10 +217,10 @@ class History:
             raise ValueError(f"context_noise must be a level in 0..{schedule.levels}, got {context_noise}")
         if guidance != 1 and labels is None and actions is None:
             raise ValueError("guidance needs labels or actions to drop; got neither")
-        if labels is not None and not model.config.num_classes:
-            raise ValueError("labels given to a model built without num_classes")
         self.model, self.parameterization, self.window = model, parameterization, window
         self.net = model = extract_model_from_parallel(model)
+        if labels is not None and not model.config.num_classes:
+            raise ValueError("labels given to a model built without num_classes")
         device = model.device
         self.schedule = schedule.to(device)
         # Branches: (level the committed frames are seen at, drop labels and actions?), with their weights.
