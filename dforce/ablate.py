@@ -32,11 +32,14 @@ import torch
 from tqdm.auto import tqdm
 
 from dforce import DforceError
+from dforce.backbone import load_model
+from dforce.checkpoint import CHECKPOINTS, MODEL, list_checkpoints
 from dforce.config import Config, load_config
+from dforce.engine import LEVEL_BINS, Meter
 from dforce.evaluate import METRICS, Clips, EvalSettings, copy_last_frame, evaluate, read_clips, summarise
+from dforce.loss import make_loss
 from dforce.plots import plot_curves, plot_weightings
-from dforce.sampler import load_model
-from dforce.train import CHECKPOINTS, LEVEL_BINS, MODEL, Meter, list_checkpoints, make_loss, train
+from dforce.train import train
 from dforce.trajectory import get_weighting
 
 SCHEDULES = ("autoregressive", "pyramid", "sync")

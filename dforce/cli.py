@@ -26,7 +26,7 @@ def plot_weights(args: argparse.Namespace) -> None:
 
 
 def make_shards(args: argparse.Namespace) -> None:
-    from dforce.data import parse_size
+    from dforce.clips import parse_size
     from dforce.shards import make_shards
 
     summary = make_shards(
@@ -80,8 +80,10 @@ def sample(args: argparse.Namespace) -> None:
 
     import torch
 
-    from dforce.data import resize_crop, to_float
-    from dforce.sampler import chunk_schedule, load_model, rollout
+    from dforce.backbone import load_model
+    from dforce.clips import resize_crop
+    from dforce.data import to_float
+    from dforce.rollout import chunk_schedule, rollout
     from dforce.video import read_clip, side_by_side, to_uint8, write_video
 
     if not args.out.endswith(".mp4"):
@@ -99,16 +101,15 @@ def sample(args: argparse.Namespace) -> None:
     schedule_args = dict(scheduling=scheduling, steps=args.steps, chunk=args.chunk, **options)
     _, window = chunk_schedule(model, noise.levels, **schedule_args)
 
-    config = model.config
-    size = tuple(g * config.patch_size for g in model.grid)
+    channels, *size = model.frame_shape
     fps, real = args.fps, None
-    context = torch.zeros(1, 0, config.in_channels, *size)  # [B, T0, C, H, W]
+    context = torch.zeros(1, 0, channels, *size)  # [B, T0, C, H, W]
     if args.context is not None:
         clip, clip_fps = read_clip(args.context, args.context_index)
         real = to_float(resize_crop(clip, size))  # [T, C, H, W] in [-1, 1]
         known = args.context_frames
         if known is None:
-            block = config.frames_per_block
+            block = model.frames_per_block
             known = min(len(real), window) // block * block
         if known > len(real):
             raise ValueError(f"--context-frames {known}: {args.context} has only {len(real)} frames")
@@ -150,13 +151,13 @@ def evaluate(args: argparse.Namespace) -> None:
 
     import torch
 
+    from dforce.backbone import load_model
     from dforce.evaluate import EvalSettings, evaluate, read_clips, write_report
-    from dforce.sampler import load_model
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, noise = load_model(args.model)
     model.to(device)
-    size = [g * model.config.patch_size for g in model.grid]
+    size = list(model.frame_shape[1:])
     clips = read_clips(args.data, args.clips, args.context_frames + args.frames, size)
     fields = [f.name for f in dataclasses.fields(EvalSettings)]
     settings = EvalSettings(**{key: getattr(args, key) for key in fields})

@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from dforce import DforceError
-from dforce.data import DataConfig
+from dforce.clips import DataConfig
 from dforce.model import CausalVideoTransformer
 from dforce.noise import NoiseConfig
 

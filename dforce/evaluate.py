@@ -27,13 +27,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from dforce.data import DataConfig, SkipSample, decode_sample, read_samples, to_float
+from dforce.backbone import Backbone
+from dforce.clips import DataConfig, decode_sample
+from dforce.data import to_float
+from dforce.decode import SkipSample
 from dforce.likelihood import NLL, elbo, ode_nll
 from dforce.metrics import ball_errors, frame_metrics
-from dforce.model import CausalVideoTransformer
 from dforce.noise import NoiseConfig
 from dforce.plots import plot_curves
-from dforce.sampler import chunk_schedule, rollout, truncate
+from dforce.reading import read_samples
+from dforce.rollout import chunk_schedule, rollout, truncate
 from dforce.trajectory import get_weighting
 
 BITS_8BIT = math.log2(127.5)  # from bits per [-1, 1] unit to bits per 0..255 unit
@@ -192,7 +195,7 @@ def summarise(scores: dict[str, Tensor], index: list[int], horizon: int) -> tupl
 
 
 def rollout_scores(
-    model: CausalVideoTransformer, noise: NoiseConfig, clips: Clips, settings: EvalSettings
+    model: Backbone, noise: NoiseConfig, clips: Clips, settings: EvalSettings
 ) -> tuple[dict[str, Tensor], float]:
     """Per clip and generated frame, float64 [N, T - context_frames] each: `mse`, `psnr`, `ssim`, and with
     balls `ball_error` (nan where none is found) and `balls_found` (1.0 if all are); and the frames
@@ -229,14 +232,14 @@ def rollout_scores(
     return {name: torch.cat(values) for name, values in scores.items()}, generated / seconds
 
 
-def rollout_path(model: CausalVideoTransformer, levels: int, settings: EvalSettings) -> Tensor:
+def rollout_path(model: Backbone, levels: int, settings: EvalSettings) -> Tensor:
     """The path a rollout of `settings` takes through one horizon of frames, at one-level resolution:
     LongTensor [S+1, horizon] (its chunks one after another, each from all-K to all-0)."""
     options = {"block": settings.block} if settings.block is not None else {}
     if settings.scheduling == "pyramid":  # the offset in levels: `offset` steps of levels / steps each
         options["offset"] = round((settings.offset or 1) * levels / settings.steps)
     matrix, _ = chunk_schedule(model, levels, settings.scheduling, levels, settings.chunk, **options)
-    horizon, width = model.config.num_frames, matrix.shape[1]
+    horizon, width = model.horizon, matrix.shape[1]
     rows = []
     for start in range(0, horizon, width):
         part = truncate(matrix, min(width, horizon - start))  # [S'+1, n]
@@ -247,11 +250,9 @@ def rollout_path(model: CausalVideoTransformer, levels: int, settings: EvalSetti
     return torch.cat(rows)
 
 
-def likelihoods(
-    model: CausalVideoTransformer, noise: NoiseConfig, clips: Clips, settings: EvalSettings
-) -> dict[str, NLL]:
+def likelihoods(model: Backbone, noise: NoiseConfig, clips: Clips, settings: EvalSettings) -> dict[str, NLL]:
     """`elbo` along the rollout's path and `ode` (if `ode_steps`) of the clips' first horizon frames."""
-    horizon, levels = model.config.num_frames, noise.levels
+    horizon, levels = model.horizon, noise.levels
     if clips.video.shape[1] < horizon:
         raise ValueError(
             f"the likelihoods score one horizon of {horizon} frames; clips have {clips.video.shape[1]}: "
@@ -279,7 +280,7 @@ def likelihoods(
                 noise.parameterization,
                 x0,
                 path=settings.ode_path,
-                block=model.config.frames_per_block,
+                block=model.frames_per_block,
                 steps=settings.ode_steps,
                 probes=settings.ode_probes,
                 seed=settings.seed,
@@ -292,10 +293,10 @@ def likelihoods(
     }
 
 
-def evaluate(model: CausalVideoTransformer, noise: NoiseConfig, clips: Clips, settings: EvalSettings) -> dict:
+def evaluate(model: Backbone, noise: NoiseConfig, clips: Clips, settings: EvalSettings) -> dict:
     """Scores per frame index and their summary: a JSON-ready dict."""
     scores, frames_per_s = rollout_scores(model, noise, clips, settings)
-    horizon, known = model.config.num_frames, settings.context_frames
+    horizon, known = model.horizon, settings.context_frames
     frames, summary = summarise(scores, list(range(known, clips.video.shape[1])), horizon)
     if settings.elbo_draws or settings.ode_steps:
         for name, nll in likelihoods(model, noise, clips, settings).items():

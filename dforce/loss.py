@@ -8,13 +8,17 @@ trainer seeds it by (run seed, step, rank, micro-step) and a resumed run repeats
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from accelerate.utils import extract_model_from_parallel
 from torch import Tensor, nn
 
 from dforce.noise import NoiseSchedule
-from dforce.trajectory import Teacher, Weighting
+from dforce.trajectory import Teacher, Weighting, get_weighting
+
+if TYPE_CHECKING:  # a config is read, never built, here: the loss sits below the config in the layers
+    from dforce.config import Config
 
 
 @dataclass
@@ -144,7 +148,7 @@ class DenoisingLoss:
         actions: Tensor | None = None,
     ) -> LossOutput:
         """x0 [B, T, C, H, W] clean clips (labels [B], actions [B, T, A] if the model takes them)."""
-        null_label = extract_model_from_parallel(model).config.num_classes if labels is not None else None
+        null_label = extract_model_from_parallel(model).null_label if labels is not None else None
         state = self.draw(x0, seed, labels, actions, null_label)
         pred = model(**state.inputs)  # [B, T, C, H, W]
         levels, weights = state.levels, state.weights
@@ -155,3 +159,23 @@ class DenoisingLoss:
         error = (pred.float() - target.float()).square().mean(dim=(2, 3, 4)) * level_weight  # [B, T]
         loss = (error * weights).sum(1).mean()
         return LossOutput(loss=loss, error=error.detach(), levels=levels, trained=weights > 0)
+
+
+def make_loss(config: Config, weighting: str, augment: bool = True) -> DenoisingLoss:
+    """The training loss of `config`; or, for validation, the plain loss under any weighting
+    (`augment=False`: no dropped history or labels, no context noise)."""
+    options = {"cube_levels": config.trajectory.cube_levels}
+    training = weighting == config.trajectory.name
+    if training:
+        options.update(config.trajectory.options)
+    return DenoisingLoss(
+        config.noise.build(),
+        config.noise.parameterization,
+        get_weighting(weighting, config.data.clip_frames, config.noise.levels, **options),
+        level_weight=config.loss.level_weight,
+        level_weight_options=config.loss.level_weight_options,
+        teacher_layout=config.loss.teacher_layout and config.model.get("frames_per_block", 1) == 1,
+        drop_history=config.loss.drop_history if augment else 0.0,
+        drop_labels=config.loss.drop_labels if augment else 0.0,
+        context_noise=config.loss.context_noise if augment and training else 0,
+    )

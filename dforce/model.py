@@ -133,7 +133,7 @@ class CausalVideoTransformer(ModelMixin, ConfigMixin):
     Optional: `labels` [B] (the value `num_classes` means "no label", for classifier-free guidance),
     `actions` [B, T, action_dim], `context` (the teacher-forcing layout, see `dforce.attention`), and
     `cache` / `update_cache` for rollout. `attention_backend` ("auto", "sdpa", "flex") is a runtime
-    setting, not part of the saved config.
+    setting, not part of the saved config. It meets `dforce.backbone.Backbone`, the interface callers use.
     """
 
     _supports_gradient_checkpointing = True
@@ -201,6 +201,22 @@ class CausalVideoTransformer(ModelMixin, ConfigMixin):
             nn.init.zeros_(block.modulation.weight)
         for linear in self.modulation_out, self.proj_out:
             nn.init.zeros_(linear.weight)
+
+    @property
+    def horizon(self) -> int:
+        return self.config.num_frames
+
+    @property
+    def frames_per_block(self) -> int:
+        return self.config.frames_per_block
+
+    @property
+    def frame_shape(self) -> tuple[int, int, int]:
+        return (self.config.in_channels, *(g * self.config.patch_size for g in self.grid))
+
+    @property
+    def null_label(self) -> int | None:
+        return self.config.num_classes or None
 
     def new_cache(self, max_frames: int | None = None, sink_frames: int = 0) -> KVCache:
         """A KV cache whose window, with one block being denoised, stays within the training horizon;
@@ -270,7 +286,7 @@ class CausalVideoTransformer(ModelMixin, ConfigMixin):
         """
         config = self.config
         batch, frames, channels, height, width = sample.shape
-        expected = (config.in_channels, *(g * config.patch_size for g in self.grid))
+        expected = self.frame_shape
         if (channels, height, width) != expected:
             raise ValueError(
                 f"sample {tuple(sample.shape)} does not match the model: (C, H, W) must be {expected}"

@@ -23,7 +23,8 @@ import torch
 import webdataset as wds
 from tqdm import tqdm
 
-from dforce.data import FRAME_FIELDS, VIDEO_EXTENSIONS, SkipSample, Video, resize_crop
+from dforce.clips import FRAME_FIELDS, resize_crop
+from dforce.decode import VIDEO_EXTENSIONS, SkipSample, Video
 
 VIDEO_SUFFIXES = tuple(f".{ext}" for ext in VIDEO_EXTENSIONS)  # what a folder search picks up
 CHUNK_FRAMES = 64  # frames decoded at a time while checking or re-encoding a whole video

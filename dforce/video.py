@@ -13,7 +13,9 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from dforce.data import LATENT_FIELD, VIDEO_EXTENSIONS, SkipSample, Video, read_samples
+from dforce.clips import LATENT_FIELD
+from dforce.decode import VIDEO_EXTENSIONS, SkipSample, Video
+from dforce.reading import read_samples
 from dforce.shards import encode_video
 
 SHARD_SUFFIXES = (".tar", ".tgz", ".tar.gz")

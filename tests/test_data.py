@@ -6,16 +6,10 @@ import pytest
 import torch
 from conftest import pattern, write_index_shards
 
-from dforce.data import (
-    DataConfig,
-    SkipSample,
-    Video,
-    clip_indices,
-    expand_shards,
-    make_loader,
-    resize_crop,
-    to_float,
-)
+from dforce.clips import DataConfig, clip_indices, resize_crop
+from dforce.data import make_loader, to_float
+from dforce.decode import SkipSample, Video
+from dforce.reading import expand_shards
 from dforce.shards import ShardSink, encode_video
 
 

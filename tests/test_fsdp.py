@@ -41,7 +41,7 @@ if os.environ.get("ACCELERATE_USE_FSDP") == "true":
 
     PartialState(cpu=True).distributed_type = DistributedType.MULTI_GPU
 
-import dforce.train as train
+import dforce.trainer as train
 from torch.distributed.tensor import DTensor
 
 out = Path(sys.argv.pop(1))

@@ -84,7 +84,7 @@ class Spy(torch.nn.Module):
 
     def __init__(self, num_classes: int = 5) -> None:
         super().__init__()
-        self.config = type("C", (), {"num_classes": num_classes})
+        self.null_label = num_classes  # the `Backbone` interface's "no label" id
         self.calls = []
 
     def forward(self, sample, timesteps, **extra):

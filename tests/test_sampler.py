@@ -5,21 +5,15 @@ import json
 import pytest
 import torch
 
+from dforce.backbone import load_model
 from dforce.cli import main
-from dforce.data import decode_video, to_float
+from dforce.data import to_float
+from dforce.decode import decode_video
+from dforce.history import History
 from dforce.model import CausalVideoTransformer
 from dforce.noise import NoiseConfig, NoiseSchedule
-from dforce.sampler import (
-    History,
-    Sampler,
-    chunk_schedule,
-    ddim_step,
-    ddpm_step,
-    denoise_step,
-    euler_step,
-    load_model,
-    rollout,
-)
+from dforce.rollout import chunk_schedule, denoise_step, rollout
+from dforce.sampler import Sampler, ddim_step, ddpm_step, euler_step
 from dforce.trajectory import scheduling_matrix
 from tests.conftest import pattern, write_video
 

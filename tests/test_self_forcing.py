@@ -15,10 +15,12 @@ from conftest import launch_two_processes, reset_accelerate
 from safetensors.torch import load_file
 from torch import nn
 
+from dforce.backbone import load_model
 from dforce.config import ConfigError, load_config
 from dforce.noise import NoiseSchedule
-from dforce.sampler import load_model, rollout
-from dforce.self_forcing import Plan, SelfForcing, ode_pairs, plan_rollout
+from dforce.objectives.dmd import Plan, SelfForcing, plan_rollout
+from dforce.objectives.ode_init import ode_pairs
+from dforce.rollout import rollout
 from dforce.synthetic import write_bouncing_balls
 from dforce.train import train
 
@@ -247,10 +249,11 @@ import sys
 from pathlib import Path
 from accelerate import PartialState
 from safetensors.torch import save_file
-import dforce.self_forcing as sf
+import dforce.objectives.self_forcing as sf
+import dforce.trainer as trainer
 
 out = Path(sys.argv.pop(1))
-plan_rollout, export_model = sf.plan_rollout, sf.export_model
+plan_rollout, export_model = sf.plan_rollout, trainer.export_model
 
 
 def spy_plan(seed, *args):
@@ -266,7 +269,7 @@ def spy_export(accelerator, model, ema, config, directory):
     export_model(accelerator, model, ema, config, directory)
 
 
-sf.plan_rollout, sf.export_model = spy_plan, spy_export
+sf.plan_rollout, trainer.export_model = spy_plan, spy_export
 from dforce.cli import main
 
 main()

@@ -7,7 +7,10 @@ import numpy as np
 import pytest
 
 from dforce.cli import main
-from dforce.data import DataConfig, decode_video, make_loader, read_samples
+from dforce.clips import DataConfig
+from dforce.data import make_loader
+from dforce.decode import decode_video
+from dforce.reading import read_samples
 from dforce.shards import ShardSink, make_shards
 
 

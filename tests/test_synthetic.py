@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 
 from dforce.cli import main
-from dforce.data import DataConfig, make_loader, read_samples
+from dforce.clips import DataConfig
+from dforce.data import make_loader
+from dforce.reading import read_samples
 from dforce.synthetic import bouncing_balls, simulate
 
 

@@ -8,7 +8,10 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, AutoencoderKLWan
 
-from dforce.data import DataConfig, decode_video, make_loader, read_samples, resize_crop
+from dforce.clips import DataConfig, resize_crop
+from dforce.data import make_loader
+from dforce.decode import decode_video
+from dforce.reading import read_samples
 
 spec = importlib.util.spec_from_file_location(
     "encode_latents", Path(__file__).parent.parent / "tools/encode_latents.py"

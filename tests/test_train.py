@@ -17,12 +17,13 @@ from conftest import launch_two_processes, reset_accelerate
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from dforce.checkpoint import TrainingStopped
 from dforce.cli import main
 from dforce.config import load_config
-from dforce.loss import DenoisingLoss
+from dforce.loss import DenoisingLoss, make_loss
 from dforce.model import CausalVideoTransformer
 from dforce.synthetic import write_bouncing_balls
-from dforce.train import TrainingStopped, make_loss, train
+from dforce.train import train
 from dforce.video import read_clip
 
 CONFIG = """\
@@ -94,7 +95,7 @@ def test_overfits_one_batch(config_file):
 
 def _batches(config):
     from dforce.data import to_float
-    from dforce.train import clip_batches
+    from dforce.trainer import clip_batches
 
     for batch in clip_batches(config, rank=0, world=1, consumed=0):
         yield to_float(batch["video"])
@@ -237,7 +238,7 @@ SPY = """\
 import sys
 from pathlib import Path
 from safetensors.torch import save_file
-import dforce.train as train
+import dforce.trainer as train
 
 out = Path(sys.argv.pop(1))
 clip_batches, export_model = train.clip_batches, train.export_model

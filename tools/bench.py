@@ -34,14 +34,20 @@ from accelerate import Accelerator
 from diffusers.optimization import get_scheduler
 from torch.profiler import ProfilerActivity, profile
 
+from dforce.clips import DataConfig
 from dforce.config import Config, TrainConfig, model_kwargs
-from dforce.data import DataConfig, make_loader, read_samples, to_float
+from dforce.data import make_loader, to_float
+from dforce.ema import EMA
+from dforce.engine import Meter, TrainState, optimizer_step, step_seed
+from dforce.history import History
+from dforce.loss import make_loss
 from dforce.model import CausalVideoTransformer
 from dforce.noise import NoiseSchedule
-from dforce.sampler import History, Sampler, chunk_schedule, denoise_chunk
+from dforce.reading import read_samples
+from dforce.rollout import chunk_schedule, denoise_chunk
+from dforce.sampler import Sampler
 from dforce.shards import ShardSink, encode_video
 from dforce.synthetic import bouncing_balls
-from dforce.train import EMA, Meter, TrainState, make_loss, optimizer_step, step_seed
 
 
 def machine() -> str:

@@ -22,16 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dforce.data import (
-    FRAME_FIELDS,
-    VIDEO_EXTENSIONS,
-    SkipSample,
-    decode_video,
-    parse_size,
-    read_samples,
-    resize_crop,
-    to_float,
-)
+from dforce.clips import FRAME_FIELDS, parse_size, resize_crop
+from dforce.data import to_float
+from dforce.decode import VIDEO_EXTENSIONS, SkipSample, decode_video
+from dforce.reading import read_samples
 from dforce.shards import ShardSink, ShardSummary
 
 

@@ -1,0 +1,94 @@
+"""A run directory's checkpoints and its exported model: written atomically, resumed from the newest
+that loads, never deleted but for the rotation the config asks for.
+
+`output_dir/checkpoints/step_N` holds `accelerator.save_state` (every prepared model, optimiser and
+scheduler, the registered EMA and counters, the RNG states); `output_dir/model` the EMA weights as a
+diffusers model directory plus `noise.json`, which `dforce.backbone.load_model` reads.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from diffusers.training_utils import EMAModel
+
+from dforce import DforceError
+from dforce.ema import ema_weights
+from dforce.noise import NoiseConfig
+
+CHECKPOINTS = "checkpoints"
+MODEL = "model"
+
+
+class TrainingStopped(DforceError, RuntimeError):
+    """Too many non-finite steps in a row, or no checkpoint can be loaded; nothing is deleted."""
+
+
+def list_checkpoints(directory: Path) -> list[Path]:
+    """Finished checkpoints, oldest first (unfinished ones are hidden `.tmp-*` directories)."""
+    found = [p for p in directory.glob("step_*") if p.is_dir() and p.name[5:].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[5:]))
+
+
+def resume(accelerator: Accelerator, directory: Path) -> Path | None:
+    """Load the newest checkpoint that loads; a damaged one is skipped with a warning."""
+    checkpoints = list_checkpoints(directory)
+    for checkpoint in reversed(checkpoints):
+        try:
+            accelerator.load_state(str(checkpoint))
+            return checkpoint
+        except Exception as error:  # any unreadable file: safetensors, pickle, shapes, missing files
+            message = f"warning: checkpoint {checkpoint} is damaged ({error}); using the one before"
+            accelerator.print(message, file=sys.stderr)
+    if checkpoints:
+        raise TrainingStopped(
+            f"none of the {len(checkpoints)} checkpoints in {directory} can be loaded; "
+            "was the config changed? Move them away to start afresh"
+        )
+    return None
+
+
+def save_checkpoint(accelerator: Accelerator, directory: Path, step: int, keep: int) -> Path:
+    """`accelerator.save_state` into a hidden directory, renamed when complete; keep the newest `keep`."""
+    final, partial = directory / f"step_{step:08d}", directory / f".tmp-step_{step:08d}"
+    if accelerator.is_main_process:
+        shutil.rmtree(partial, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(partial))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        shutil.rmtree(final, ignore_errors=True)
+        partial.rename(final)
+        for old in list_checkpoints(directory)[:-keep]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def export_model(
+    accelerator: Accelerator, model: torch.nn.Module, ema: EMAModel, noise: NoiseConfig, directory: Path
+) -> None:
+    """The EMA weights as a diffusers model directory plus `noise.json`, replaced atomically. Under FSDP
+    every rank joins in gathering the whole weights, which the main process writes from a plain copy."""
+    with ema_weights(ema, model):
+        net = accelerator.unwrap_model(model)
+        if accelerator.is_fsdp2:
+            state = accelerator.get_state_dict(model)
+            if accelerator.is_main_process:
+                net = type(net).from_config(net.config)
+                net.load_state_dict(state)
+        if accelerator.is_main_process:
+            partial = directory.with_name(f".tmp-{directory.name}")
+            shutil.rmtree(partial, ignore_errors=True)
+            net.save_pretrained(partial)
+            noise.save(partial)
+            old = directory.with_name(f".old-{directory.name}")
+            if directory.exists():
+                directory.rename(old)
+            partial.rename(directory)
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()

@@ -1,0 +1,140 @@
+"""The frames a rollout has finished and the guided denoiser that reads them (`History`)."""
+
+from __future__ import annotations
+
+import torch
+from accelerate.utils import extract_model_from_parallel
+from torch import Tensor
+
+from dforce.backbone import Backbone
+from dforce.noise import NoiseSchedule
+from dforce.sampler import randn
+
+
+def _per_branch(value: Tensor | None, null: Tensor | None, drops: list[bool]) -> Tensor | None:
+    """`value` [B, ...] for each branch, `null` where the branch drops it: [branches * B, ...]."""
+    return None if value is None else torch.cat([null if drop else value for drop in drops])
+
+
+class History:
+    """The frames a rollout has finished, as the model sees them, and the guided denoiser that reads them.
+
+    `commit` writes finished clean frames once, at the context-noise level; `denoise` predicts (x0, eps)
+    for the frames being generated, placed right after the committed ones. The model sees the last `window`
+    committed frames: with `use_cache` through a rolling KV cache (each frame's keys and values computed
+    once, by a forward at the context-noise level with `update_cache=True`), otherwise by feeding them again
+    with every call (the reference). With the cache, the first `sink` frames stay in the window for good.
+    `denoise` may run with gradients; `commit` never keeps them.
+
+    Guidance runs its branches as one batch (and one cache) of `branches * B`:
+      history guidance w: the unconditional branch sees every committed frame at level K (pure noise);
+      label/action guidance g: the unconditional branch has label `num_classes` ("no label") and zero
+      actions (the model has no null action embedding, so zero is what "no action" means);
+    pred = c + (g - 1)(c - u_label) + (w - 1)(c - u_history), each term applied only when its scale != 1.
+
+    `model` may be wrapped for distributed training (self-forcing): it is called as given, so that its
+    gradients are synchronised, and its attributes are read from the unwrapped `net`.
+    """
+
+    def __init__(
+        self,
+        model: Backbone,
+        schedule: NoiseSchedule,
+        parameterization: str,
+        window: int,
+        *,
+        labels: Tensor | None = None,
+        actions: Tensor | None = None,
+        guidance: float = 1.0,
+        history_guidance: float = 1.0,
+        context_noise: int = 0,
+        use_cache: bool = True,
+        sink: int = 0,
+    ) -> None:
+        if sink and not use_cache:
+            raise ValueError("a sink (frames kept in the window for good) needs the KV cache")
+        if not 0 <= context_noise <= schedule.levels:
+            raise ValueError(f"context_noise must be a level in 0..{schedule.levels}, got {context_noise}")
+        if guidance != 1 and labels is None and actions is None:
+            raise ValueError("guidance needs labels or actions to drop; got neither")
+        self.model, self.parameterization, self.window = model, parameterization, window
+        self.net = model = extract_model_from_parallel(model)
+        if labels is not None and model.null_label is None:
+            raise ValueError("labels given to a model built without num_classes")
+        device = model.device
+        self.schedule = schedule.to(device)
+        # Branches: (level the committed frames are seen at, drop labels and actions?), with their weights.
+        branches, self.weights = [(context_noise, False)], [1.0 + (guidance - 1) + (history_guidance - 1)]
+        if guidance != 1:
+            branches.append((context_noise, True))
+            self.weights.append(1.0 - guidance)
+        if history_guidance != 1:
+            branches.append((schedule.levels, False))
+            self.weights.append(1.0 - history_guidance)
+        self.levels = [level for level, _ in branches]
+        drops = [drop for _, drop in branches]
+        null_labels = None if labels is None else torch.full_like(labels, model.null_label)
+        self.labels = _per_branch(labels, null_labels, drops)  # [branches * B]
+        null_actions = None if actions is None else torch.zeros_like(actions)
+        self.actions = _per_branch(actions, null_actions, drops)  # [branches * B, frames, A]
+        self.cache = model.new_cache(window, sink) if use_cache else None
+        self.frames: Tensor | None = None  # without a cache: [branches * B, <= window, C, H, W] as fed
+        self.timesteps: Tensor | None = None  # [branches * B, <= window]
+        self.end = 0  # absolute index of the next frame
+
+    @property
+    def branches(self) -> int:
+        return len(self.weights)
+
+    def _actions(self, start: int, frames: int) -> Tensor | None:
+        return None if self.actions is None else self.actions[:, start : start + frames]
+
+    def commit(self, frames: Tensor, generator: torch.Generator | None = None) -> None:
+        """Finished clean frames [B, n, C, H, W], n a multiple of `frames_per_block`, join the history."""
+        frames = frames.detach()
+        batch, n = frames.shape[:2]
+        noise = randn(frames, generator) if any(self.levels) else None
+        fed, timesteps = [], []
+        for level in self.levels:
+            levels = torch.full((batch, n), level, device=frames.device)  # [B, n]
+            fed.append(self.schedule.add_noise(frames, noise, levels) if level else frames)
+            timesteps.append(self.schedule.timesteps(levels))
+        fed, timesteps = torch.cat(fed), torch.cat(timesteps)  # [branches * B, n, C, H, W], [branches * B, n]
+        if self.cache is not None:
+            with torch.no_grad():
+                self.model(
+                    fed,
+                    timesteps,
+                    labels=self.labels,
+                    actions=self._actions(self.end, n),
+                    cache=self.cache,
+                    update_cache=True,
+                )
+        else:
+            if self.frames is not None:
+                fed, timesteps = torch.cat([self.frames, fed], 1), torch.cat([self.timesteps, timesteps], 1)
+            keep = max(0, fed.shape[1] - self.window)
+            self.frames, self.timesteps = fed[:, keep:], timesteps[:, keep:]
+        self.end += n
+
+    def denoise(self, x: Tensor, levels: Tensor) -> tuple[Tensor, Tensor]:
+        """(x0, eps) [B, n, C, H, W] for frames x [B, n, C, H, W] at `levels` [B, n] following the history."""
+        n = x.shape[1]
+        sample = x.repeat(self.branches, 1, 1, 1, 1)  # [branches * B, n, C, H, W]
+        timesteps = self.schedule.timesteps(levels).repeat(self.branches, 1)  # [branches * B, n]
+        if self.cache is not None:
+            actions = self._actions(self.end, n)
+            out = self.model(sample, timesteps, labels=self.labels, actions=actions, cache=self.cache)
+        else:
+            start = self.end - (0 if self.frames is None else self.frames.shape[1])
+            if self.frames is not None:
+                sample = torch.cat([self.frames, sample], 1)
+                timesteps = torch.cat([self.timesteps, timesteps], 1)
+            actions = self._actions(start, sample.shape[1])
+            out = self.model(sample, timesteps, labels=self.labels, actions=actions, frame_offset=start)
+            out = out[:, -n:]
+        if self.branches == 1:
+            pred = out
+        else:
+            pred = sum(w * part for w, part in zip(self.weights, out.chunk(self.branches), strict=True))
+        return self.schedule.to_x0_eps(pred, x, levels, self.parameterization)

@@ -1,0 +1,172 @@
+"""The training loop, for any objective: Accelerate, EMA, logging, validation, checkpoints and resume.
+
+Reads top to bottom: the objective builds and prepares its models and optimisers, the EMA of its main
+model and the counters are loaded from the newest readable checkpoint, then every step the objective
+takes one optimiser step from its batches, and the loop updates the EMA, logs, validates, exports and
+checkpoints. Rerunning the same command resumes: every random draw of a step comes from (seed, step,
+rank, micro-step) and the data position from the step, so the resumed run is the uninterrupted one.
+Multi-process: `accelerate launch -m dforce train CONFIG` (see the README).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Protocol
+
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration
+from tqdm.auto import tqdm
+
+from dforce.checkpoint import CHECKPOINTS, MODEL, export_model, resume, save_checkpoint
+from dforce.config import Config
+from dforce.data import make_loader, to_float
+from dforce.ema import EMA, ema_weights
+from dforce.engine import TrainState, flat_config
+from dforce.validation import held_out_clips, validate
+
+
+class Objective(Protocol):
+    """What the loop asks of an objective (`dforce.objectives`): built by `(config, trainer)`, it has
+    made and prepared its models, optimisers and schedulers with `trainer.accelerator`, so that
+    `save_state` checkpoints them all."""
+
+    name: str  # the progress bar's label
+    config: Config  # the run's config as the objective completed it (written to config.yaml)
+    model: torch.nn.Module  # the prepared model whose EMA is validated and exported
+    steps: int  # optimiser steps of the whole run
+
+    def batches_read(self, step: int) -> int:
+        """Micro-batches this rank has read before `step` (the data position on resume)."""
+
+    def step(self, step: int, batches: Iterator[dict]) -> torch.Tensor:
+        """One optimiser step of `model` (and whatever else it trains); -> `model`'s gradient norm,
+        not finite if the step was skipped."""
+
+    def logs(self, steps: int, seconds: float) -> dict[str, float]:
+        """What to log of the `steps` steps taken in `seconds` since the last call; the first entry is
+        the headline the progress bar shows."""
+
+
+def make_accelerator(config: Config) -> Accelerator:
+    cfg, output = config.train, Path(config.output_dir)
+    return Accelerator(
+        mixed_precision=cfg.mixed_precision,
+        gradient_accumulation_steps=cfg.gradient_accumulation,
+        log_with=cfg.trackers or None,
+        project_config=ProjectConfiguration(project_dir=str(output), logging_dir=str(output / "logs")),
+    )
+
+
+class Trainer:
+    """The Accelerator and the counters of one run; `fit` runs an objective to its last step."""
+
+    def __init__(self, config: Config) -> None:
+        self.config, self.output = config, Path(config.output_dir)
+        self.accelerator = make_accelerator(config)
+        self.device = self.accelerator.device
+        self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
+        self.state = TrainState()
+
+    def fit(self, make_objective: type[Objective]) -> Path:
+        """Train (or resume) with the objective; -> the exported EMA model directory."""
+        accelerator, state = self.accelerator, self.state
+        objective = make_objective(self.config, self)
+        config = self.config = objective.config
+        cfg, val = config.train, config.validation
+        ema = begin(accelerator, objective.model, config, state)
+
+        clips = held_out_clips(config, accelerator) if val.shards else None
+        batches = self.batches(objective.batches_read(state.step))
+        accelerator.init_trackers("dforce", config=flat_config(config))
+        progress = tqdm(
+            total=objective.steps,
+            initial=state.step,
+            desc=objective.name,
+            disable=not accelerator.is_main_process,
+        )
+        tick, tick_step = time.perf_counter(), state.step
+        while state.step < objective.steps:
+            grad_norm = objective.step(state.step, batches)
+            if grad_norm.isfinite():
+                ema.step(objective.model.parameters())
+            state.step += 1
+            progress.update()
+
+            last = state.step == objective.steps
+            if state.step % cfg.log_every == 0 or last:
+                elapsed, tick = time.perf_counter() - tick, time.perf_counter()
+                logs = objective.logs(state.step - tick_step, elapsed)
+                tick_step = state.step
+                accelerator.log(logs, step=state.step)
+                progress.set_postfix(loss=f"{next(iter(logs.values())):.4f}", refresh=False)
+            if val.shards and (state.step % val.every == 0 or last):
+                with ema_weights(ema, objective.model):
+                    logs = validate(config, objective.model, accelerator, state.step, clips)
+                accelerator.log(logs, step=state.step)
+                accelerator.print(
+                    f"step {state.step}: " + ", ".join(f"{k[4:]} {v:.4g}" for k, v in logs.items())
+                )
+                if last:
+                    accelerator.print(
+                        f"held-out next-frame MSE: {logs['val/next_frame_mse_1step']:.4f} as the one-step "
+                        f"posterior mean, {logs['val/next_frame_mse']:.4f} sampled in "
+                        f"{val.sampling_steps} steps; copying the last frame: "
+                        f"{logs['val/copy_last_frame_mse']:.4f}"
+                    )
+            if state.step % cfg.checkpoint_every == 0 or last:  # export first: a kill between redoes both
+                export_model(accelerator, objective.model, ema, config.noise, self.output / MODEL)
+                save_checkpoint(accelerator, self.output / CHECKPOINTS, state.step, cfg.keep_checkpoints)
+        progress.close()
+        accelerator.end_training()
+        return self.output / MODEL
+
+    def batches(self, consumed: int) -> Iterator[dict]:
+        """This rank's batches without end after the first `consumed`, on the device: `video` float
+        [B, T, C, H, W], `skipped` (int), and `label` [B], `actions` [B, T, A] when the data has them."""
+        for batch in clip_batches(self.config, self.rank, self.world, consumed):
+            out = {
+                "video": to_float(batch["video"].to(self.device, non_blocking=True)),
+                "skipped": int(batch["skipped"]),
+            }
+            for key in "label", "actions":
+                if key in batch:
+                    out[key] = batch[key].to(self.device)
+            yield out
+
+
+def begin(accelerator: Accelerator, model: torch.nn.Module, config: Config, state: TrainState) -> EMA:
+    """The EMA of the prepared `model` (FSDP's shards, if sharded), registered for checkpointing with
+    the counters and loaded with them from the newest readable checkpoint; the config written beside."""
+    output = Path(config.output_dir)
+    ema = EMA(model.parameters(), decay=config.train.ema_decay, foreach=True)
+    accelerator.register_for_checkpointing(ema, state)
+    resumed = resume(accelerator, output / CHECKPOINTS)
+    if accelerator.is_main_process:
+        output.mkdir(parents=True, exist_ok=True)
+        (output / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
+    if resumed:
+        accelerator.print(f"resumed from {resumed} at step {state.step}")
+    return ema
+
+
+def clip_batches(config: Config, rank: int, world: int, consumed: int) -> Iterator[dict]:
+    """This rank's batches without end, starting after the first `consumed` (epoch after epoch)."""
+    size = config.train.batch_size
+    per_epoch = len(make_loader(config.data, batch_size=size, rank=rank, world_size=world))
+    epoch, start = divmod(consumed, per_epoch)
+    while True:
+        yield from make_loader(
+            config.data,
+            batch_size=size,
+            rank=rank,
+            world_size=world,
+            epoch=epoch,
+            start=start,
+            pin_memory=torch.cuda.is_available(),
+        )
+        epoch, start = epoch + 1, 0

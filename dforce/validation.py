@@ -1,0 +1,148 @@
+"""Validation: held-out loss per weighting, next-frame error beside copying the last frame, and rollouts
+past the horizon beside the real clips; the same clips and seeds at every validation of a run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+
+from dforce.backbone import Backbone
+from dforce.clips import DataConfig
+from dforce.config import Config, ConfigError
+from dforce.data import make_loader, to_float
+from dforce.engine import step_seed
+from dforce.loss import make_loss
+from dforce.noise import NoiseSchedule
+from dforce.rollout import rollout
+from dforce.video import side_by_side, to_uint8, write_video
+
+
+def held_out_data(config: Config) -> DataConfig:
+    """The validation shards, read in order from the first frame of each clip."""
+    shards = config.validation.shards
+    return dataclasses.replace(config.data, shards=shards, shuffle=False, resampled=False, clip_start=0)
+
+
+@torch.no_grad()
+def validate(
+    config: Config, model: torch.nn.Module, accelerator: Accelerator, step: int, clips: dict | None
+) -> dict[str, float]:
+    """Held-out loss per weighting and next-frame error (sampled, and the one-step posterior mean) next to
+    copying the last frame, on the same clips and seeds every time; the main process also writes
+    rollouts beside the real clips."""
+    val, device = config.validation, accelerator.device
+    data = held_out_data(config)
+    net = accelerator.unwrap_model(model).eval()
+    schedule = config.noise.build().to(device)
+    sums: dict[str, torch.Tensor] = {}
+    counts = {"loss": 0, "rollout": 0}  # batches read, should the held-out data hold fewer than asked
+    losses = {name: make_loss(config, name, augment=False) for name in val.weightings}
+    loaders = {"loss": data, "rollout": dataclasses.replace(data, clip_frames=val.context_frames + 1)}
+    for purpose, data_config in loaders.items():
+        loader = make_loader(
+            data_config,
+            batch_size=config.train.batch_size,
+            rank=accelerator.process_index,
+            world_size=accelerator.num_processes,
+        )
+        for i, batch in zip(range(val.batches), loader, strict=False):
+            x0 = to_float(batch["video"].to(device))  # [B, T, C, H, W]
+            labels = batch["label"].to(device) if "label" in batch else None
+            actions = batch["actions"].to(device) if "actions" in batch else None
+            seed = step_seed(config.seed, i)
+            counts[purpose] += 1
+            if purpose == "loss":
+                for name, loss_fn in losses.items():
+                    loss = loss_fn(net, x0, seed, labels=labels, actions=actions).loss
+                    sums[f"val/loss_{name}"] = sums.get(f"val/loss_{name}", 0) + loss
+                continue
+            context, truth = x0[:, : val.context_frames], x0[:, val.context_frames]
+            guesses = {"copy_last_frame_mse": context[:, -1]}
+            # One step from pure noise is the model's posterior mean, the least-squares prediction.
+            for name, steps in (("next_frame_mse", val.sampling_steps), ("next_frame_mse_1step", 1)):
+                guesses[name] = rollout(
+                    net,
+                    schedule,
+                    config.noise.parameterization,
+                    context,
+                    1,
+                    steps=steps,
+                    context_noise=val.context_noise,
+                    labels=labels,
+                    actions=actions,
+                    generator=torch.Generator(device).manual_seed(seed),
+                )[:, -1]
+            for name, guess in guesses.items():
+                sums[f"val/{name}"] = sums.get(f"val/{name}", 0) + (guess - truth).square().mean()
+    logs = {
+        key: accelerator.reduce(value / counts["loss" if "loss_" in key else "rollout"], "mean").item()
+        for key, value in sums.items()
+    }
+    if clips is not None:
+        write_rollouts(config, net, schedule, clips, step, accelerator)
+    net.train()
+    return logs
+
+
+def held_out_clips(config: Config, accelerator: Accelerator) -> dict | None:
+    """The clips the main process rolls out from at each validation (under FSDP every rank, as each takes
+    part in every forward), read before training starts so that a `validation` section the held-out data
+    cannot serve fails at once, not at the first validation."""
+    val = config.validation
+    data = held_out_data(config)
+    frames = val.context_frames + val.rollout_frames
+    try:
+        make_loader(  # enough held-out clips for the losses on every rank
+            data,
+            batch_size=config.train.batch_size,
+            rank=accelerator.process_index,
+            world_size=accelerator.num_processes,
+        )
+        if not (val.rollout_clips and (accelerator.is_main_process or accelerator.is_fsdp2)):
+            return None
+        rollout_data = dataclasses.replace(data, clip_frames=frames)
+        return next(iter(make_loader(rollout_data, batch_size=val.rollout_clips)))
+    except ValueError as error:
+        raise ConfigError(
+            f"validation: the held-out shards cannot give {config.train.batch_size} clips per rank, and "
+            f"{val.rollout_clips} clips of context_frames + rollout_frames = {frames} frames: {error}"
+        ) from None
+
+
+def write_rollouts(
+    config: Config,
+    model: Backbone,
+    schedule: NoiseSchedule,
+    batch: dict,
+    step: int,
+    accelerator: Accelerator,
+) -> Path:
+    """Roll out from held-out clips past the horizon; real frames on the right (written by the main
+    process)."""
+    val = config.validation
+    real = to_float(batch["video"].to(accelerator.device))  # [N, T, C, H, W]
+    fake = rollout(
+        model,
+        schedule,
+        config.noise.parameterization,
+        real[:, : val.context_frames],
+        val.rollout_frames,
+        scheduling=val.scheduling,
+        steps=val.sampling_steps,
+        context_noise=val.context_noise,
+        labels=batch["label"].to(accelerator.device) if "label" in batch else None,
+        actions=batch["actions"].to(accelerator.device) if "actions" in batch else None,
+        generator=torch.Generator(accelerator.device).manual_seed(config.seed),
+    )
+    grid = torch.cat([side_by_side(f, r) for f, r in zip(fake, real, strict=True)], dim=-2)  # [T, C, N*H, 2W]
+    out = Path(config.output_dir) / "samples" / f"step_{step:08d}.mp4"
+    if accelerator.is_main_process:
+        write_video(out, to_uint8(grid), fps=8, scale=4)
+        tracker = next((t for t in accelerator.trackers if t.name == "tensorboard"), None)
+        if tracker is not None:
+            tracker.writer.add_images("rollout", to_uint8(grid).permute(0, 3, 1, 2), step)  # [T, 3, H, W]
+    return out
