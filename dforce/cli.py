@@ -3,194 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 
-from dforce import DforceError
+from dforce import DforceError, commands
 
 DEFAULT_WEIGHTINGS = "independent,paths,teacher,sync,schedule:pyramid,mixture"
 
 
-def plot_weights(args: argparse.Namespace) -> None:
-    from dforce.plots import plot_weightings
-    from dforce.trajectory import get_weighting
-
-    weightings = []
-    for name in args.weightings.split(","):
-        options = {"cube_levels": args.cube_levels}
-        if name == "mixture":
-            options["components"] = {"paths": 0.5, "teacher": 0.5}
-        weightings.append(get_weighting(name, args.frames, args.levels, **options))
-    out = plot_weightings(weightings, args.out, samples=args.samples)
-    print(f"wrote {out}")
-
-
-def make_shards(args: argparse.Namespace) -> None:
-    from dforce.clips import parse_size
-    from dforce.shards import make_shards
-
-    summary = make_shards(
-        args.inputs,
-        args.out,
-        clip_frames=args.clip_frames,
-        stride=args.stride,
-        size=parse_size(args.size) if args.size else None,
-        reencode=args.reencode,
-        crf=args.crf,
-        pix_fmt=args.pix_fmt,
-        labels=args.labels,
-        prefix=args.prefix,
-        maxcount=args.maxcount,
-        maxsize=args.maxsize,
-        overwrite=args.overwrite,
-        progress=True,
-    )
-    print(summary)
-
-
-def make_synthetic(args: argparse.Namespace) -> None:
-    from dforce.synthetic import write_bouncing_balls
-
-    shards = write_bouncing_balls(
-        args.out,
-        args.clips,
-        args.frames,
-        args.size,
-        args.balls,
-        args.seed,
-        fps=args.fps,
-        prefix=args.prefix,
-        maxcount=args.maxcount,
-        overwrite=args.overwrite,
-    )
-    print(f"wrote {args.clips} clips to {len(shards)} shards in {args.out}")
-
-
-def train(args: argparse.Namespace) -> None:
-    from dforce.config import load_config
-    from dforce.train import train
-
-    model = train(load_config(args.config, args.overrides))
-    print(f"model written to {model}")
-
-
-def sample(args: argparse.Namespace) -> None:
-    import json
-    from pathlib import Path
-
-    import torch
-
-    from dforce.backbone import load_model
-    from dforce.clips import resize_crop
-    from dforce.data import to_float
-    from dforce.rollout import chunk_schedule, rollout
-    from dforce.video import read_clip, side_by_side, to_uint8, write_video
-
-    if not args.out.endswith(".mp4"):
-        raise ValueError(f"--out {args.out}: must be a .mp4 file (a .gif is written beside it)")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model, noise = load_model(args.model)
-    model.to(device)
-    scheduling = args.schedule
-    if scheduling.endswith(".json"):
-        try:
-            scheduling = json.loads(Path(scheduling).read_text())
-        except (OSError, json.JSONDecodeError) as error:
-            raise ValueError(f"--schedule {args.schedule}: {error}") from None
-    options = {k: getattr(args, k) for k in ("block", "offset", "shift") if getattr(args, k) is not None}
-    schedule_args = dict(scheduling=scheduling, steps=args.steps, chunk=args.chunk, **options)
-    _, window = chunk_schedule(model, noise.levels, **schedule_args)
-
-    channels, *size = model.frame_shape
-    fps, real = args.fps, None
-    context = torch.zeros(1, 0, channels, *size)  # [B, T0, C, H, W]
-    if args.context is not None:
-        clip, clip_fps = read_clip(args.context, args.context_index)
-        real = to_float(resize_crop(clip, size))  # [T, C, H, W] in [-1, 1]
-        known = args.context_frames
-        if known is None:
-            block = model.frames_per_block
-            known = min(len(real), window) // block * block
-        if known > len(real):
-            raise ValueError(f"--context-frames {known}: {args.context} has only {len(real)} frames")
-        context = real[None, :known]
-        fps = fps or clip_fps
-    elif args.context_frames:
-        raise ValueError("--context-frames needs --context")
-    fps = fps or 8.0
-
-    video = rollout(
-        model,
-        noise.build(),
-        noise.parameterization,
-        context.to(device),
-        args.frames,
-        **schedule_args,
-        sampler=args.sampler,
-        eta=args.eta,
-        guidance=args.guidance,
-        history_guidance=args.history_guidance,
-        labels=None if args.label is None else torch.tensor([args.label], device=device),
-        context_noise=args.context_noise,
-        use_cache=not args.no_cache,
-        sink=args.sink,
-        generator=torch.Generator(device).manual_seed(args.seed),
-        progress=True,
-    )[0]  # [T0 + frames, C, H, W]
-    written = write_video(args.out, to_uint8(video), fps, args.scale)
-    if real is not None and len(real) > context.shape[1]:
-        pair = side_by_side(video.cpu(), real)
-        written += write_video(
-            args.out.removesuffix(".mp4") + "_vs_real.mp4", to_uint8(pair), fps, args.scale
-        )
-    print("wrote " + ", ".join(map(str, written)))
-
-
-def evaluate(args: argparse.Namespace) -> None:
-    from pathlib import Path
-
-    import torch
-
-    from dforce.backbone import load_model
-    from dforce.evaluate import EvalSettings, evaluate, read_clips, write_report
-
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model, noise = load_model(args.model)
-    model.to(device)
-    size = list(model.frame_shape[1:])
-    clips = read_clips(args.data, args.clips, args.context_frames + args.frames, size)
-    fields = [f.name for f in dataclasses.fields(EvalSettings)]
-    settings = EvalSettings(**{key: getattr(args, key) for key in fields})
-    result = evaluate(model, noise, clips, settings)
-    out = Path(args.out) if args.out else Path(args.model).parent / "eval"
-    written = write_report(result, out, title=f"{args.model} on {args.data}, {args.scheduling}")
-    summary = {**result["summary"], "frames_per_s": result["frames_per_s"]}
-    print(", ".join(f"{key} {value:.4g}" for key, value in summary.items()))
-    print("wrote " + ", ".join(map(str, written)))
-
-
-def ablate(args: argparse.Namespace) -> None:
-    from dforce.ablate import ablate
-
-    root = ablate(
-        args.config,
-        args.weightings.split(","),
-        args.seeds,
-        args.overrides,
-        schedules=args.schedules.split(","),
-        clips=args.clips,
-        elbo_draws=args.elbo_draws,
-        out=args.out,
-    )
-    print((root / "results.md").read_text(), end="")
-    print(f"wrote {root}/results.csv, results.md, frames.csv, loss_by_level.csv and plots (*.png)")
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dforce", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
+    subcommands = parser.add_subparsers(dest="command", required=True)
 
-    plot = commands.add_parser(
+    plot = subcommands.add_parser(
         "plot-weights",
         help="heatmaps of trajectory weightings",
         description="Two frames: exact edge probabilities over the K x K grid. More frames: the sampled "
@@ -206,9 +30,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     plot.add_argument("--samples", type=int, default=100_000, help="samples per weighting (frames > 2)")
     plot.add_argument("--out", default="outputs/weights.png")
-    plot.set_defaults(run=plot_weights)
+    plot.set_defaults(run=commands.plot_weights)
 
-    shards = commands.add_parser(
+    shards = subcommands.add_parser(
         "make-shards",
         help="video files and folders -> webdataset shards",
         description="One sample per video, or per clip with --clip-frames: the video bytes and a json "
@@ -245,9 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     shards.add_argument(
         "--overwrite", action="store_true", help="delete PREFIX-*.tar shards already in --out"
     )
-    shards.set_defaults(run=make_shards)
+    shards.set_defaults(run=commands.make_shards)
 
-    synthetic = commands.add_parser(
+    synthetic = subcommands.add_parser(
         "make-synthetic",
         help="bouncing-balls shards, the built-in dataset",
         description="Coloured balls with elastic collisions, encoded as H.264; every ball's position and "
@@ -263,9 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     synthetic.add_argument("--prefix", default="train")
     synthetic.add_argument("--maxcount", type=int, default=256, help="clips per shard")
     synthetic.add_argument("--overwrite", action="store_true")
-    synthetic.set_defaults(run=make_synthetic)
+    synthetic.set_defaults(run=commands.make_synthetic)
 
-    training = commands.add_parser(
+    training = subcommands.add_parser(
         "train",
         help="train a model from a YAML config",
         description="Train from CONFIG (see configs/), with dotted overrides such as train.max_steps=200. "
@@ -274,9 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     training.add_argument("config", help="YAML config file")
     training.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.max_steps=200")
-    training.set_defaults(run=train)
+    training.set_defaults(run=commands.train)
 
-    sampler = commands.add_parser(
+    sampler = subcommands.add_parser(
         "sample",
         help="generate a video from a trained model, continuing given context frames",
         description="Rolls a trained model out for --frames frames after the context, chunk by chunk along a "
@@ -334,9 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     sampler.add_argument("--scale", type=int, default=1, help="show each pixel as SCALE x SCALE")
     sampler.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     sampler.add_argument("--out", required=True, help="FILE.mp4; FILE.gif is written beside it")
-    sampler.set_defaults(run=sample)
+    sampler.set_defaults(run=commands.sample)
 
-    evaluation = commands.add_parser(
+    evaluation = subcommands.add_parser(
         "eval",
         help="score a model's rollouts of held-out clips frame by frame, and its likelihood",
         description="Continues each clip from its first --context-frames frames for --frames frames and "
@@ -389,9 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     evaluation.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     evaluation.add_argument("--out", default=None, help="output folder (default: eval/ beside the model)")
-    evaluation.set_defaults(run=evaluate)
+    evaluation.set_defaults(run=commands.evaluate)
 
-    grid = commands.add_parser(
+    grid = subcommands.add_parser(
         "ablate",
         help="train every trajectory weighting with several seeds, evaluate and tabulate",
         description="Trains CONFIG (with the dotted overrides) once per weighting and seed into "
@@ -418,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--elbo-draws", type=int, default=32, help="states drawn per clip for the ELBO; 0: none"
     )
     grid.add_argument("--out", default=None, help="output folder (default: the config's output_dir)")
-    grid.set_defaults(run=ablate)
+    grid.set_defaults(run=commands.ablate)
     return parser
 
 

@@ -1,0 +1,182 @@
+"""The commands' bodies: each takes the parsed arguments of its `dforce COMMAND` (`dforce.cli`) and
+imports what it needs when it runs, so that `dforce --help` and a bad argument answer at once."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+
+def plot_weights(args: argparse.Namespace) -> None:
+    from dforce.plots import plot_weightings
+    from dforce.trajectory import get_weighting
+
+    weightings = []
+    for name in args.weightings.split(","):
+        options = {"cube_levels": args.cube_levels}
+        if name == "mixture":
+            options["components"] = {"paths": 0.5, "teacher": 0.5}
+        weightings.append(get_weighting(name, args.frames, args.levels, **options))
+    out = plot_weightings(weightings, args.out, samples=args.samples)
+    print(f"wrote {out}")
+
+
+def make_shards(args: argparse.Namespace) -> None:
+    from dforce.clips import parse_size
+    from dforce.shards import make_shards
+
+    summary = make_shards(
+        args.inputs,
+        args.out,
+        clip_frames=args.clip_frames,
+        stride=args.stride,
+        size=parse_size(args.size) if args.size else None,
+        reencode=args.reencode,
+        crf=args.crf,
+        pix_fmt=args.pix_fmt,
+        labels=args.labels,
+        prefix=args.prefix,
+        maxcount=args.maxcount,
+        maxsize=args.maxsize,
+        overwrite=args.overwrite,
+        progress=True,
+    )
+    print(summary)
+
+
+def make_synthetic(args: argparse.Namespace) -> None:
+    from dforce.synthetic import write_bouncing_balls
+
+    shards = write_bouncing_balls(
+        args.out,
+        args.clips,
+        args.frames,
+        args.size,
+        args.balls,
+        args.seed,
+        fps=args.fps,
+        prefix=args.prefix,
+        maxcount=args.maxcount,
+        overwrite=args.overwrite,
+    )
+    print(f"wrote {args.clips} clips to {len(shards)} shards in {args.out}")
+
+
+def train(args: argparse.Namespace) -> None:
+    from dforce.config import load_config
+    from dforce.train import train
+
+    model = train(load_config(args.config, args.overrides))
+    print(f"model written to {model}")
+
+
+def sample(args: argparse.Namespace) -> None:
+    import json
+    from pathlib import Path
+
+    import torch
+
+    from dforce.backbone import load_model
+    from dforce.clips import resize_crop
+    from dforce.data import to_float
+    from dforce.rollout import chunk_schedule, rollout
+    from dforce.video import read_clip, side_by_side, to_uint8, write_video
+
+    if not args.out.endswith(".mp4"):
+        raise ValueError(f"--out {args.out}: must be a .mp4 file (a .gif is written beside it)")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, noise = load_model(args.model)
+    model.to(device)
+    scheduling = args.schedule
+    if scheduling.endswith(".json"):
+        try:
+            scheduling = json.loads(Path(scheduling).read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise ValueError(f"--schedule {args.schedule}: {error}") from None
+    options = {k: getattr(args, k) for k in ("block", "offset", "shift") if getattr(args, k) is not None}
+    schedule_args = dict(scheduling=scheduling, steps=args.steps, chunk=args.chunk, **options)
+    _, window = chunk_schedule(model, noise.levels, **schedule_args)
+
+    channels, *size = model.frame_shape
+    fps, real = args.fps, None
+    context = torch.zeros(1, 0, channels, *size)  # [B, T0, C, H, W]
+    if args.context is not None:
+        clip, clip_fps = read_clip(args.context, args.context_index)
+        real = to_float(resize_crop(clip, size))  # [T, C, H, W] in [-1, 1]
+        known = args.context_frames
+        if known is None:
+            block = model.frames_per_block
+            known = min(len(real), window) // block * block
+        if known > len(real):
+            raise ValueError(f"--context-frames {known}: {args.context} has only {len(real)} frames")
+        context = real[None, :known]
+        fps = fps or clip_fps
+    elif args.context_frames:
+        raise ValueError("--context-frames needs --context")
+    fps = fps or 8.0
+
+    video = rollout(
+        model,
+        noise.build(),
+        noise.parameterization,
+        context.to(device),
+        args.frames,
+        **schedule_args,
+        sampler=args.sampler,
+        eta=args.eta,
+        guidance=args.guidance,
+        history_guidance=args.history_guidance,
+        labels=None if args.label is None else torch.tensor([args.label], device=device),
+        context_noise=args.context_noise,
+        use_cache=not args.no_cache,
+        sink=args.sink,
+        generator=torch.Generator(device).manual_seed(args.seed),
+        progress=True,
+    )[0]  # [T0 + frames, C, H, W]
+    written = write_video(args.out, to_uint8(video), fps, args.scale)
+    if real is not None and len(real) > context.shape[1]:
+        pair = side_by_side(video.cpu(), real)
+        written += write_video(
+            args.out.removesuffix(".mp4") + "_vs_real.mp4", to_uint8(pair), fps, args.scale
+        )
+    print("wrote " + ", ".join(map(str, written)))
+
+
+def evaluate(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    import torch
+
+    from dforce.backbone import load_model
+    from dforce.evaluate import EvalSettings, evaluate, read_clips, write_report
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model, noise = load_model(args.model)
+    model.to(device)
+    size = list(model.frame_shape[1:])
+    clips = read_clips(args.data, args.clips, args.context_frames + args.frames, size)
+    fields = [f.name for f in dataclasses.fields(EvalSettings)]
+    settings = EvalSettings(**{key: getattr(args, key) for key in fields})
+    result = evaluate(model, noise, clips, settings)
+    out = Path(args.out) if args.out else Path(args.model).parent / "eval"
+    written = write_report(result, out, title=f"{args.model} on {args.data}, {args.scheduling}")
+    summary = {**result["summary"], "frames_per_s": result["frames_per_s"]}
+    print(", ".join(f"{key} {value:.4g}" for key, value in summary.items()))
+    print("wrote " + ", ".join(map(str, written)))
+
+
+def ablate(args: argparse.Namespace) -> None:
+    from dforce.ablate import ablate
+
+    root = ablate(
+        args.config,
+        args.weightings.split(","),
+        args.seeds,
+        args.overrides,
+        schedules=args.schedules.split(","),
+        clips=args.clips,
+        elbo_draws=args.elbo_draws,
+        out=args.out,
+    )
+    print((root / "results.md").read_text(), end="")
+    print(f"wrote {root}/results.csv, results.md, frames.csv, loss_by_level.csv and plots (*.png)")
