@@ -24,30 +24,30 @@ import sys
 import tempfile
 import time
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import decord
 import numpy as np
 import torch
-from accelerate import Accelerator
-from diffusers.optimization import get_scheduler
 from torch.profiler import ProfilerActivity, profile
 
+from dforce.backbone import Backbone
 from dforce.clips import DataConfig
 from dforce.config import Config, TrainConfig, model_kwargs
 from dforce.data import make_loader, to_float
 from dforce.ema import EMA
-from dforce.engine import Meter, TrainState, optimizer_step, step_seed
 from dforce.history import History
 from dforce.loss import make_loss
 from dforce.model import CausalVideoTransformer
 from dforce.noise import NoiseSchedule
+from dforce.objectives.denoising import Denoising
 from dforce.reading import read_samples
 from dforce.rollout import chunk_schedule, denoise_chunk
 from dforce.sampler import Sampler
 from dforce.shards import ShardSink, encode_video
 from dforce.synthetic import bouncing_balls
+from dforce.trainer import Trainer
 
 
 def machine() -> str:
@@ -216,55 +216,36 @@ def bench_config(args: argparse.Namespace, device: torch.device, checkpointing: 
         mixed_precision=args.mixed_precision or precision,
         gradient_checkpointing=checkpointing,
         compile=args.compile,
+        trackers=[],
     )
     data = DataConfig(shards=[], clip_frames=model.pop("num_frames"))
     return Config(output_dir="", seed=0, train=train, data=data, model=model)
 
 
-def training_step(
-    config: Config, device: torch.device
-) -> tuple[Callable[[int], None], CausalVideoTransformer]:
-    """One optimiser step of `dforce train` on a fixed batch, as its loop runs it: trajectory sampling,
-    noising, forward, loss, backward, loss meter, clipping, AdamW (`dforce.train.optimizer_step`), EMA.
-    The loop of `dforce.train.train` without the data loader, whose cost `bench.py data` measures."""
+def training_step(config: Config, device: torch.device) -> tuple[Callable[[int], None], Backbone]:
+    """One optimiser step of `dforce train` on a fixed batch, as its loop runs it: the denoising
+    objective's step (trajectory sampling, noising, forward, loss, backward, loss meter, clipping, fused
+    AdamW) and the loop's EMA update; `dforce.trainer` without the data loader, whose cost `bench.py
+    data` measures."""
     cfg = config.train
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=device.type == "cpu")
-    torch.manual_seed(config.seed)
-    model = CausalVideoTransformer(**model_kwargs(config))
-    model.attention_backend = cfg.attention_backend
-    if cfg.gradient_checkpointing:
-        model.enable_gradient_checkpointing()
-    if cfg.compile if cfg.compile is not None else device.type == "cuda":
-        model.compile_repeated_blocks(fullgraph=True)
-    optimizer = torch.optim.AdamW(
-        model.parameters(),
-        lr=cfg.lr,
-        betas=cfg.betas,
-        weight_decay=cfg.weight_decay,
-        fused=True,
-    )
-    lr_scheduler = get_scheduler("constant", optimizer)
-    model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
-    ema = EMA(model.parameters(), decay=cfg.ema_decay, foreach=True)
-    loss_fn = make_loss(config, config.trajectory.name)
-    meter, state = Meter(loss_fn.schedule.levels, device), TrainState()
-    net = accelerator.unwrap_model(model)
-    side = [g * net.config.patch_size for g in net.grid]
-    shape = (cfg.batch_size, config.data.clip_frames, net.config.in_channels, *side)
+    trainer = Trainer(config)
+    objective = Denoising(config, trainer)
+    ema = EMA(objective.model.parameters(), decay=cfg.ema_decay, foreach=True)
+    net = trainer.accelerator.unwrap_model(objective.model)
+    shape = (cfg.batch_size, config.data.clip_frames, *net.frame_shape)
     video = torch.randint(0, 256, shape, dtype=torch.uint8)  # [B, T, C, H, W], as the loader gives it
     if device.type == "cuda":
         video = video.pin_memory()
 
+    def batches() -> Iterator[dict]:
+        while True:
+            yield {"video": to_float(video.to(device, non_blocking=True)), "skipped": 0}
+
+    stream = batches()
+
     def step(index: int) -> None:
-        model.train()
-        x0 = to_float(video.to(device, non_blocking=True))
-        with accelerator.accumulate(model):
-            out = loss_fn(model, x0, seed=step_seed(config.seed, index, 0, 0))
-            accelerator.backward(out.loss)
-        meter.add(out, 0)
-        grad_norm = optimizer_step(accelerator, model, optimizer, lr_scheduler, cfg, state, Path())
-        if grad_norm.isfinite():
-            ema.step(model.parameters())
+        if objective.step(index, stream).isfinite():
+            ema.step(objective.model.parameters())
 
     return step, net
 
