@@ -1,5 +1,5 @@
 """A run directory's checkpoints and its exported model: written atomically, resumed from the newest
-that loads, never deleted but for the rotation the config asks for.
+that loads, never deleted but for the rotation the config asks for (`keep_checkpoints`).
 
 `output_dir/checkpoints/step_N` holds `accelerator.save_state` (every prepared model, optimiser and
 scheduler, the registered EMA and counters, the RNG states); `output_dir/model` the EMA weights as a
@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from diffusers.training_utils import EMAModel
+from torch.optim.lr_scheduler import LambdaLR
 
 from dforce import DforceError
 from dforce.ema import ema_weights
@@ -35,11 +36,16 @@ def list_checkpoints(directory: Path) -> list[Path]:
 
 
 def resume(accelerator: Accelerator, directory: Path) -> Path | None:
-    """Load the newest checkpoint that loads; a damaged one is skipped with a warning."""
+    """Load the newest checkpoint that loads; a damaged one is skipped with a warning. The learning
+    rates are the config's from the resumed step on: the loaded schedules are rebased on them."""
+    # The prepared schedulers, built from the config; `save_state` and `load_state` keep the same list.
+    configured = [(s.scheduler, list(s.scheduler.base_lrs)) for s in accelerator._schedulers]
     checkpoints = list_checkpoints(directory)
     for checkpoint in reversed(checkpoints):
         try:
             accelerator.load_state(str(checkpoint))
+            for scheduler, base_lrs in configured:
+                rebase(scheduler, base_lrs)
             return checkpoint
         except Exception as error:  # any unreadable file: safetensors, pickle, shapes, missing files
             message = f"warning: checkpoint {checkpoint} is damaged ({error}); using the one before"
@@ -52,8 +58,20 @@ def resume(accelerator: Accelerator, directory: Path) -> Path | None:
     return None
 
 
+def rebase(scheduler: LambdaLR, base_lrs: list[float]) -> None:
+    """Put `base_lrs` under a loaded schedule: lr = base * lambda(step) from its current step on (the
+    lambda is the config's own: `LambdaLR` saves its step and base rates, not its function)."""
+    scheduler.base_lrs = list(base_lrs)
+    groups = scheduler.optimizer.param_groups
+    for group, base, lr_lambda in zip(groups, base_lrs, scheduler.lr_lambdas, strict=True):
+        group["initial_lr"] = base
+        group["lr"] = base * lr_lambda(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in groups]
+
+
 def save_checkpoint(accelerator: Accelerator, directory: Path, step: int, keep: int) -> Path:
-    """`accelerator.save_state` into a hidden directory, renamed when complete; keep the newest `keep`."""
+    """`accelerator.save_state` into a hidden directory, renamed when complete; keep the newest `keep`
+    (0: all)."""
     final, partial = directory / f"step_{step:08d}", directory / f".tmp-step_{step:08d}"
     if accelerator.is_main_process:
         shutil.rmtree(partial, ignore_errors=True)
@@ -63,7 +81,7 @@ def save_checkpoint(accelerator: Accelerator, directory: Path, step: int, keep: 
     if accelerator.is_main_process:
         shutil.rmtree(final, ignore_errors=True)
         partial.rename(final)
-        for old in list_checkpoints(directory)[:-keep]:
+        for old in list_checkpoints(directory)[:-keep] if keep else []:
             shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final

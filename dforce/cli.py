@@ -5,13 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dforce import DforceError, commands
+from dforce import DforceError, __version__, commands
 
 DEFAULT_WEIGHTINGS = "independent,paths,teacher,sync,schedule:pyramid,mixture"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dforce", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"dforce {__version__}")
     subcommands = parser.add_subparsers(dest="command", required=True)
 
     plot = subcommands.add_parser(
@@ -93,11 +94,19 @@ def build_parser() -> argparse.ArgumentParser:
         "train",
         help="train a model from a YAML config",
         description="Train from CONFIG (see configs/), with dotted overrides such as train.max_steps=200. "
-        "Running the same command again resumes from the newest checkpoint in output_dir. For several "
-        "processes: accelerate launch [--multi_gpu --num_processes N] -m dforce train CONFIG ...",
+        "Running the same command again resumes from the newest checkpoint in output_dir, once the config "
+        "is checked to be the same run's (train.max_steps, validation.* and a few more may change). For "
+        "several processes: accelerate launch [--multi_gpu --num_processes N] -m dforce train CONFIG ...",
     )
     training.add_argument("config", help="YAML config file")
     training.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. train.max_steps=200")
+    training.add_argument(
+        "--resume",
+        default="auto",
+        metavar="auto|never|PATH",
+        help="auto: the newest checkpoint of output_dir (default); never: start over, moving an earlier run "
+        "in output_dir aside; PATH: that checkpoint of output_dir (later ones are moved aside)",
+    )
     training.set_defaults(run=commands.train)
 
     sampler = subcommands.add_parser(

@@ -66,7 +66,7 @@ def train(args: argparse.Namespace) -> None:
     from dforce.config import load_config
     from dforce.train import train
 
-    model = train(load_config(args.config, args.overrides))
+    model = train(load_config(args.config, args.overrides), resume=args.resume)
     print(f"model written to {model}")
 
 

@@ -1,7 +1,8 @@
 """Training configs: a dataclass tree filled from a YAML file, then from `dotted.key=value` overrides.
 
-Every key is checked against the tree: an unknown key, a wrong type or a missing file raises
-`ConfigError`, whose one-line message names the file and the key. The `model` section is checked
+Every key is checked against the tree, and every name in it against the table the code uses
+(`check_names`): an unknown key or name, a wrong type or a missing file raises `ConfigError`, whose
+one-line message names the file, the dotted key and the valid choices. The `model` section is checked
 against `CausalVideoTransformer.__init__` itself, so its keys are the model's own argument names.
 """
 
@@ -11,16 +12,24 @@ import dataclasses
 import inspect
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
+from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
+from diffusers.optimization import SchedulerType, get_scheduler
 
 from dforce import DforceError
 from dforce.clips import DataConfig
 from dforce.model import CausalVideoTransformer
 from dforce.noise import NoiseConfig
+from dforce.trajectory import get_weighting, scheduling_matrix
+
+# fp16's loss scaling would fight the non-finite-step skip, so a run trains in fp32 or bf16.
+PRECISIONS = ("no", "bf16")
 
 
 class ConfigError(DforceError, ValueError):
@@ -48,7 +57,7 @@ class LossConfig:
     def __post_init__(self) -> None:
         for key in ("drop_history", "drop_labels"):
             if not 0 <= getattr(self, key) <= 1:
-                raise ValueError(f"{key} must lie in [0, 1], got {getattr(self, key)}")
+                raise ValueError(f"{key}: must lie in [0, 1], got {getattr(self, key)}")
 
 
 @dataclass
@@ -64,25 +73,31 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.99)
     max_grad_norm: float = 1.0
     ema_decay: float = 0.999
-    mixed_precision: str = "no"  # no | bf16 (fp16's loss scaling would fight the non-finite-step skip)
+    mixed_precision: str | None = None  # no | bf16; None: the launch's (accelerate launch --mixed_precision)
     gradient_checkpointing: bool = False
     attention_backend: str = "auto"  # auto | flex | sdpa
     compile: bool | None = None  # regional torch.compile; None: on CUDA only
-    keep_checkpoints: int = 3
+    keep_checkpoints: int = 3  # the newest N; 0 keeps every checkpoint
     max_bad_steps: int = 5  # non-finite losses in a row before the run stops
     log_every: int = 10
-    trackers: list[str] = field(default_factory=lambda: ["tensorboard"])
+    trackers: list[str] = field(default_factory=lambda: ["tensorboard"])  # any installed Accelerate tracker
+    project: str = "dforce"  # the trackers' project
+    run_name: str | None = None  # the trackers' run name; None: the output directory's name
 
     def __post_init__(self) -> None:
         for key in ("max_steps", "checkpoint_every", "batch_size", "gradient_accumulation", "log_every"):
             if getattr(self, key) < 1:
-                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
-        if self.mixed_precision not in ("no", "bf16"):
-            raise ValueError(f"mixed_precision must be no or bf16, got {self.mixed_precision!r}")
+                raise ValueError(f"{key}: must be >= 1, got {getattr(self, key)}")
+        if self.mixed_precision not in (None, *PRECISIONS):
+            raise ValueError(
+                f"mixed_precision: must be one of {', '.join(PRECISIONS)}, got {self.mixed_precision!r}"
+            )
         if self.attention_backend not in ("auto", "flex", "sdpa"):
-            raise ValueError(f"attention_backend must be auto, flex or sdpa, got {self.attention_backend!r}")
-        if self.keep_checkpoints < 1 or self.max_bad_steps < 1:
-            raise ValueError("keep_checkpoints and max_bad_steps must be >= 1")
+            raise ValueError(f"attention_backend: must be auto, flex or sdpa, got {self.attention_backend!r}")
+        if self.keep_checkpoints < 0:
+            raise ValueError(f"keep_checkpoints: must be >= 0 (0 keeps all), got {self.keep_checkpoints}")
+        if self.max_bad_steps < 1:
+            raise ValueError(f"max_bad_steps: must be >= 1, got {self.max_bad_steps}")
 
 
 @dataclass
@@ -124,10 +139,10 @@ class SelfForcingConfig:
 
     def __post_init__(self) -> None:
         if self.init not in ("teacher", "ode"):
-            raise ValueError(f"init must be teacher or ode, got {self.init!r}")
+            raise ValueError(f"init: must be teacher or ode, got {self.init!r}")
         for key in ("steps", "critic_steps", "ode_sampling_steps"):
             if getattr(self, key) < 1:
-                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+                raise ValueError(f"{key}: must be >= 1, got {getattr(self, key)}")
         if min(self.context_frames, self.sink, self.context_noise, self.ode_steps) < 0:
             raise ValueError("context_frames, sink, context_noise and ode_steps must be >= 0")
         if not 0 < self.min_level <= self.max_level:
@@ -150,9 +165,9 @@ class Config:
 
     def __post_init__(self) -> None:
         if self.objective not in ("denoising", "self_forcing"):
-            raise ValueError(f"objective must be denoising or self_forcing, got {self.objective!r}")
+            raise ValueError(f"objective: must be denoising or self_forcing, got {self.objective!r}")
         if self.objective == "self_forcing" and self.self_forcing is None:
-            raise ValueError("objective self_forcing needs a self_forcing section (at least its teacher)")
+            raise ValueError("self_forcing: objective self_forcing needs this section (at least its teacher)")
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
@@ -178,9 +193,68 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
                 raise ConfigError(f"override {override!r}: {'.'.join(parents[: depth + 1])} is not a section")
         node[leaf] = yaml.safe_load(text) if text else None
     try:
-        return _build(Config, raw, "")
+        config = _build(Config, raw, "")
+        check_names(config)
     except ConfigError as error:
         raise ConfigError(f"{path}: {error}") from None
+    return config
+
+
+def check_names(config: Config) -> None:
+    """Build, once and small, everything the config names that is cheap to build (weightings, scheduling
+    matrices, level weights, the lr schedule) and look up its trackers, so that a bad name or option
+    fails now, naming its key and the valid choices, not after the model is built or at the first
+    validation. The tables are those the code uses: no second list to keep in step."""
+    frames, levels, val = config.data.clip_frames, config.noise.levels, config.validation
+    trajectory = config.trajectory
+
+    def weighting(name: str, **options: Any) -> Callable[[], object]:
+        return lambda: get_weighting(name, frames, levels, cube_levels=trajectory.cube_levels, **options)
+
+    checks = {"trajectory.name": weighting(trajectory.name, **trajectory.options)}
+    checks |= {f"validation.weightings[{i}]": weighting(name) for i, name in enumerate(val.weightings)}
+    checks["validation.scheduling"] = lambda: scheduling_matrix(
+        val.scheduling, frames, levels, val.sampling_steps
+    )
+    checks["loss.level_weight"] = lambda: config.noise.build().loss_weight(
+        config.loss.level_weight,
+        torch.arange(levels + 1),
+        config.noise.parameterization,
+        **config.loss.level_weight_options,
+    )
+    checks["train.lr_scheduler"] = lambda: _lr_schedule(config.train)
+    checks |= {
+        f"train.trackers[{i}]": lambda name=name: _tracker(name)
+        for i, name in enumerate(config.train.trackers)
+    }
+    if config.self_forcing is not None:
+        sf = config.self_forcing
+        checks["self_forcing.weighting"] = weighting(sf.weighting)
+        checks["self_forcing.steps"] = lambda: scheduling_matrix(
+            "autoregressive", frames, levels, sf.steps, shift=sf.shift
+        )
+    for key, check in checks.items():
+        try:
+            check()
+        except (ValueError, TypeError) as error:
+            raise ConfigError(f"{key}: {error}") from None
+
+
+def _lr_schedule(cfg: TrainConfig) -> None:
+    names = [kind.value for kind in SchedulerType]
+    if cfg.lr_scheduler not in names:
+        raise ValueError(f"unknown lr scheduler {cfg.lr_scheduler!r}; valid: {', '.join(names)}")
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=cfg.lr)
+    get_scheduler(
+        cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=cfg.max_steps
+    )
+
+
+def _tracker(name: str) -> None:
+    if name not in LOGGER_TYPE_TO_CLASS:
+        raise ValueError(f"unknown tracker {name!r}; valid: {', '.join(LOGGER_TYPE_TO_CLASS)}")
+    if name not in {getattr(kind, "value", kind) for kind in get_available_trackers()}:
+        raise ValueError(f"tracker {name!r} is not installed here (pip install {name}), or leave it out")
 
 
 def model_kwargs(config: Config) -> dict[str, Any]:
@@ -205,7 +279,10 @@ def _build(cls: type, raw: Any, where: str) -> Any:
         kwargs["model"] = _check_model(kwargs.get("model", {}))
     try:
         return cls(**kwargs)
-    except (TypeError, ValueError) as error:
+    except (TypeError, ValueError) as error:  # "field: problem" from a __post_init__ names its key
+        field_name, sep, problem = str(error).partition(": ")
+        if sep and field_name in fields:
+            raise ConfigError(f"{where}{field_name}: {problem}") from None
         raise ConfigError(f"{where.rstrip('.') or 'config'}: {error}") from None
 
 
@@ -261,4 +338,7 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     elif hint in (int, str, bool) and type(value) is hint:
         return value
     name = getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
-    raise ConfigError(f"{key}: expected {name}, got {value!r}")
+    quote = (
+        " (YAML reads an unquoted no, yes, on, off as a bool: quote it)" if isinstance(value, bool) else ""
+    )
+    raise ConfigError(f"{key}: expected {name}, got {value!r}{quote}")

@@ -16,7 +16,7 @@ from diffusers.optimization import get_scheduler
 
 from dforce.backbone import Backbone
 from dforce.checkpoint import CHECKPOINTS, TrainingStopped, list_checkpoints
-from dforce.config import Config, TrainConfig
+from dforce.config import TrainConfig
 from dforce.loss import LossOutput
 
 LEVEL_BINS = 10
@@ -142,20 +142,3 @@ class Meter:
                 logs[f"loss_by_level/{b / LEVEL_BINS:.1f}-{(b + 1) / LEVEL_BINS:.1f}"] = total / count
         self.reset()
         return logs
-
-
-def flat_config(config: Config) -> dict[str, int | float | str | bool]:
-    """Dotted keys with scalar values, as trackers (TensorBoard hparams) want them."""
-    flat = {}
-
-    def walk(node: object, prefix: str) -> None:
-        if isinstance(node, dict):
-            for key, value in node.items():
-                walk(value, f"{prefix}{key}.")
-        elif isinstance(node, (int, float, str, bool)):
-            flat[prefix[:-1]] = node
-        elif node is not None:
-            flat[prefix[:-1]] = str(node)
-
-    walk(dataclasses.asdict(config), "")
-    return flat

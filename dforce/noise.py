@@ -117,6 +117,32 @@ class NoiseSchedule:
     def snr(self, levels: Tensor) -> Tensor:
         return self.log_snr(levels).exp()
 
+    def neg_dlog_snr_dt(self, levels: Tensor) -> Tensor:
+        """-d lambda / dt by level, t = level / K, from finite differences of the lambda table: float64,
+        shaped like `levels`.
+
+            D_k = K (lambda_{k-1} - lambda_{k+1}) / 2     1 < k < K (central)
+            D_1 = K (lambda_1 - lambda_2)                  (lambda_0 = +inf, so one-sided)
+            D_K = K (lambda_{K-1} - lambda_K)
+        Where that is not finite (lambda_K = -inf where alpha_K = 0, as in `flow` and `zero_terminal_snr`,
+        makes D_{K-1} and D_K inf) it is the nearest finite D (the lower level on a tie), so it is finite and
+        > 0 at every level >= 1. With no finite difference at all (K = 1, or K = 2 with alpha_2 = 0) D = 1.
+        Level 0 (clean, no noise to differentiate) gets 0. Computed on the tables' device, no host sync.
+        """
+        lam = 2 * (self.alpha.log() - self.sigma.log())  # [K+1]
+        big_k = self.levels
+        k = torch.arange(1, big_k + 1, device=lam.device)  # [K]
+        prev, after = (k - 1).clamp(min=1), (k + 1).clamp(max=big_k)  # one-sided at the ends; equal if K = 1
+        d = big_k * (lam[prev] - lam[after]) / (after - prev)  # [K], nan (0 / 0) if K = 1
+        finite = d.isfinite()
+        pos = torch.arange(big_k, device=lam.device)
+        below = torch.where(finite, pos, -1).cummax(0).values  # nearest finite index <= pos, -1 if none
+        above = torch.where(finite, pos, big_k).flip(0).cummin(0).values.flip(0)  # >= pos, K if none
+        take_below = (below >= 0) & ((above == big_k) | (pos - below <= above - pos))
+        nearest = torch.where(take_below, below, above).clamp(0, big_k - 1)
+        d = torch.where(finite.any(), torch.where(finite, d, d[nearest]), 1.0)
+        return torch.cat([d.new_zeros(1), d])[levels]
+
     def target(self, x0: Tensor, eps: Tensor, levels: Tensor, parameterization: str) -> Tensor:
         """What a network with this parameterisation should output: [B, T, C, H, W]."""
         _check("parameterization", parameterization, PARAMETERIZATIONS)
@@ -157,7 +183,13 @@ class NoiseSchedule:
             elbo     the DDPM KL: w_x0 = (SNR_{k-1} - SNR_k) / 2 for k >= 2, 1 / (2 sigma_1^2) for k = 1;
                      summed over levels and elements, plus `elbo_constant`, it is -ELBO in nats.
             min_snr  w_x0 = min(SNR, gamma), gamma = 5 (Hang et al. 2023).
-            sigmoid  w_eps = sigmoid(bias - lambda), bias = 2 (Kingma & Gao 2023), i.e. w_x0 = SNR * w_eps.
+            sigmoid  w_eps = sigmoid(bias - lambda) * (-d lambda / dt), with -d lambda / dt from
+                     `neg_dlog_snr_dt` (finite everywhere: where lambda = -inf, the nearest finite value),
+                     so that uniformly drawn levels give Kingma & Gao's (2023) weighted loss, less its 1/2:
+                     E_t~U(0,1)[w(lambda_t) (-d lambda / dt) ||eps_hat - eps||^2], w = sigmoid(b - lambda);
+                     w_x0 = SNR * w_eps. bias = 2, but the paper's own default b (and its sign) is unconfirmed
+                     here: we could not read the paper's text, and public code citing it disagrees
+                     (BayesFlow's noise_schedule.py: sigmoid(-lambda + 2); others use b = -2).
         min_snr and sigmoid are evaluated from their eps weight (w_eps * J_p^2 / J_eps^2), which is finite
         where alpha = 0; the result is inf only where the weight is (eps at alpha = 0 under elbo). Level-0
         frames are clean context and get 0.
@@ -185,7 +217,7 @@ class NoiseSchedule:
             w_eps = torch.clamp(options.get("gamma", 5.0) * s2 / a2, max=1.0)  # min(SNR, gamma) / SNR
             w = w_eps * snr_jac2[parameterization]
         else:
-            w_eps = torch.sigmoid(options.get("bias", 2.0) - lam)
+            w_eps = torch.sigmoid(options.get("bias", 2.0) - lam) * self.neg_dlog_snr_dt(levels)
             w = w_eps * snr_jac2[parameterization]
         return torch.where(levels > 0, w, 0.0)
 
@@ -220,9 +252,15 @@ class NoiseConfig:
 
     FILE = "noise.json"
 
-    def __post_init__(self) -> None:
-        _check("parameterization", self.parameterization, PARAMETERIZATIONS)
-        _check("noise schedule", self.schedule, SCHEDULE_OPTIONS, self.schedule_options)
+    def __post_init__(self) -> None:  # "key: problem", which a config names as noise.key
+        try:
+            _check("parameterization", self.parameterization, PARAMETERIZATIONS)
+        except ValueError as error:
+            raise ValueError(f"parameterization: {error}") from None
+        try:
+            _check("noise schedule", self.schedule, SCHEDULE_OPTIONS, self.schedule_options)
+        except ValueError as error:
+            raise ValueError(f"schedule: {error}") from None
 
     def build(self) -> NoiseSchedule:
         return NoiseSchedule.from_name(self.schedule, self.levels, **self.schedule_options)

@@ -7,12 +7,15 @@ from pathlib import Path
 from dforce.config import Config
 from dforce.objectives.denoising import Denoising
 from dforce.objectives.self_forcing import SelfForcingObjective
+from dforce.run_record import plan_start
 from dforce.trainer import Objective, Trainer
 
 # The config's `objective` key -> the objective's class; a new objective is a module and a line here.
 OBJECTIVES: dict[str, type[Objective]] = {"denoising": Denoising, "self_forcing": SelfForcingObjective}
 
 
-def train(config: Config) -> Path:
-    """Train (or resume) `config`; return the exported EMA model directory."""
-    return Trainer(config).fit(OBJECTIVES[config.objective])
+def train(config: Config, resume: str = "auto") -> Path:
+    """Train `config`, resuming its run (`resume`: auto, never or a checkpoint; `dforce.run_record`)
+    once its directory is checked to hold the same run; return the exported EMA model directory."""
+    start = plan_start(config, resume)  # before anything is built: a mismatch stops here
+    return Trainer(config, start).fit(OBJECTIVES[config.objective])

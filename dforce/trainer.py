@@ -10,23 +10,24 @@ Multi-process: `accelerate launch -m dforce train CONFIG` (see the README).
 
 from __future__ import annotations
 
-import dataclasses
+import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Protocol
 
 import torch
-import yaml
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration
 from tqdm.auto import tqdm
 
 from dforce.checkpoint import CHECKPOINTS, MODEL, export_model, resume, save_checkpoint
-from dforce.config import Config
+from dforce.config import PRECISIONS, Config, ConfigError
 from dforce.data import make_loader, to_float
 from dforce.ema import EMA, ema_weights
-from dforce.engine import TrainState, flat_config
+from dforce.engine import TrainState
+from dforce.run_record import Start, move_aside, record_start
+from dforce.trackers import start_trackers
 from dforce.validation import held_out_clips, validate
 
 
@@ -54,23 +55,51 @@ class Objective(Protocol):
 
 def make_accelerator(config: Config) -> Accelerator:
     cfg, output = config.train, Path(config.output_dir)
-    return Accelerator(
-        mixed_precision=cfg.mixed_precision,
+    precision, note = mixed_precision(cfg.mixed_precision, os.environ)
+    accelerator = Accelerator(
+        mixed_precision=precision,
         gradient_accumulation_steps=cfg.gradient_accumulation,
         log_with=cfg.trackers or None,
         project_config=ProjectConfiguration(project_dir=str(output), logging_dir=str(output / "logs")),
     )
+    if note:
+        accelerator.print(note)
+    return accelerator
+
+
+def mixed_precision(configured: str | None, environ: Mapping[str, str]) -> tuple[str, str | None]:
+    """The config's `train.mixed_precision`, else the launch's (`accelerate launch --mixed_precision`, or
+    its config file), else `no`; and, when both are set and differ, the line that says the config's wins.
+    (Read before the Accelerator exists: any process state made earlier would be the Accelerator's.)"""
+    launched = environ.get("ACCELERATE_MIXED_PRECISION")
+    chosen = configured or launched or "no"
+    if chosen not in PRECISIONS:
+        raise ConfigError(
+            f"the launch asks for mixed precision {launched!r}; dforce trains in {' or '.join(PRECISIONS)} "
+            "(set train.mixed_precision, or launch with --mixed_precision bf16)"
+        )
+    if configured and launched and launched != configured:
+        return (
+            chosen,
+            f"mixed precision: {configured} (train.mixed_precision) wins over the launch's {launched}",
+        )
+    return chosen, None
 
 
 class Trainer:
     """The Accelerator and the counters of one run; `fit` runs an objective to its last step."""
 
-    def __init__(self, config: Config) -> None:
-        self.config, self.output = config, Path(config.output_dir)
+    def __init__(self, config: Config, start: Start) -> None:
+        self.config, self.given, self.start = config, config, start
+        self.output = Path(config.output_dir)
         self.accelerator = make_accelerator(config)
         self.device = self.accelerator.device
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
         self.state = TrainState()
+        if self.accelerator.is_main_process:  # before anything of this run is written
+            for line in move_aside(start):
+                print(line)
+        self.accelerator.wait_for_everyone()
 
     def fit(self, make_objective: type[Objective]) -> Path:
         """Train (or resume) with the objective; -> the exported EMA model directory."""
@@ -78,11 +107,11 @@ class Trainer:
         objective = make_objective(self.config, self)
         config = self.config = objective.config
         cfg, val = config.train, config.validation
-        ema = begin(accelerator, objective.model, config, state)
+        ema = begin(accelerator, objective.model, self.given, config, self.start, state)
 
         clips = held_out_clips(config, accelerator) if val.shards else None
         batches = self.batches(objective.batches_read(state.step))
-        accelerator.init_trackers("dforce", config=flat_config(config))
+        start_trackers(accelerator, config)
         progress = tqdm(
             total=objective.steps,
             initial=state.step,
@@ -139,18 +168,28 @@ class Trainer:
             yield out
 
 
-def begin(accelerator: Accelerator, model: torch.nn.Module, config: Config, state: TrainState) -> EMA:
+def begin(
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    given: Config,
+    config: Config,
+    start: Start,
+    state: TrainState,
+) -> EMA:
     """The EMA of the prepared `model` (FSDP's shards, if sharded), registered for checkpointing with
-    the counters and loaded with them from the newest readable checkpoint; the config written beside."""
+    the counters and loaded with them from the newest readable checkpoint unless the run starts afresh;
+    the start recorded beside (`dforce.run_record`)."""
     output = Path(config.output_dir)
     ema = EMA(model.parameters(), decay=config.train.ema_decay, foreach=True)
     accelerator.register_for_checkpointing(ema, state)
-    resumed = resume(accelerator, output / CHECKPOINTS)
+    resumed = None if start.fresh else resume(accelerator, output / CHECKPOINTS)
     if accelerator.is_main_process:
-        output.mkdir(parents=True, exist_ok=True)
-        (output / "config.yaml").write_text(yaml.safe_dump(dataclasses.asdict(config), sort_keys=False))
+        record_start(output, given, config, start, state.step, resumed)
     if resumed:
-        accelerator.print(f"resumed from {resumed} at step {state.step}")
+        changed = ", ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in start.changed.items())
+        accelerator.print(
+            f"resumed from {resumed} at step {state.step}" + (f"; changed: {changed}" if changed else "")
+        )
     return ema
 
 

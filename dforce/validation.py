@@ -18,6 +18,7 @@ from dforce.engine import step_seed
 from dforce.loss import make_loss
 from dforce.noise import NoiseSchedule
 from dforce.rollout import rollout
+from dforce.trackers import log_frames
 from dforce.video import side_by_side, to_uint8, write_video
 
 
@@ -141,8 +142,7 @@ def write_rollouts(
     grid = torch.cat([side_by_side(f, r) for f, r in zip(fake, real, strict=True)], dim=-2)  # [T, C, N*H, 2W]
     out = Path(config.output_dir) / "samples" / f"step_{step:08d}.mp4"
     if accelerator.is_main_process:
-        write_video(out, to_uint8(grid), fps=8, scale=4)
-        tracker = next((t for t in accelerator.trackers if t.name == "tensorboard"), None)
-        if tracker is not None:
-            tracker.writer.add_images("rollout", to_uint8(grid).permute(0, 3, 1, 2), step)  # [T, 3, H, W]
+        frames = to_uint8(grid)  # [T, H, W, 3]
+        write_video(out, frames, fps=8, scale=4)
+        log_frames(accelerator, "rollout", frames.cpu().numpy(), step)
     return out

@@ -1,5 +1,6 @@
-"""Small videos and shards made on the spot for the data tests (nothing is downloaded), and a fresh
-Accelerate state and a two-process launcher for the training tests."""
+"""Small videos and shards made on the spot for the data tests (nothing is downloaded), and for the
+training tests a tiny config on bouncing-balls shards, a fresh Accelerate state and a two-process
+launcher."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import pytest
 from accelerate.state import AcceleratorState, GradientState
 
 from dforce.shards import ShardSink, encode_video
+from dforce.synthetic import write_bouncing_balls
 
 CONTAINERS = {".mp4": ("mp4", "libx264"), ".mkv": ("matroska", "libx264"), ".webm": ("webm", "libvpx-vp9")}
 
@@ -98,14 +100,41 @@ def fresh_accelerate() -> Iterator[None]:
     reset_accelerate()
 
 
-def launch_two_processes(script: Path, *args: str, port: int) -> subprocess.CompletedProcess:
+def launch_two_processes(
+    script: Path, *args: str, port: int, mixed_precision: str = "no"
+) -> subprocess.CompletedProcess:
     """The README's two-CPU-process command: `accelerate launch` of `script` with two ranks over gloo."""
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1",
-        "--num_processes", "2", "--main_process_port", str(port), "--mixed_precision", "no",
+        "--num_processes", "2", "--main_process_port", str(port), "--mixed_precision", mixed_precision,
         "--dynamo_backend", "no", str(script), *args,
     ]  # fmt: skip
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
+
+
+CONFIG = """\
+output_dir: {out}
+seed: 0
+train: {{max_steps: 12, checkpoint_every: 4, batch_size: 2, log_every: 4, lr: 2e-3, trackers: []}}
+data: {{shards: "{data}/train-*.tar", clip_frames: 4, num_workers: 0, pixels: uint8, shuffle_buffer: 4}}
+noise: {{levels: 50}}
+model: {{sample_size: 16, patch_size: 4, num_layers: 2, num_attention_heads: 2, attention_head_dim: 16}}
+"""
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("balls")
+    write_bouncing_balls(out, num_clips=16, frames=8, size=16, num_balls=2, seed=0, maxcount=8)
+    write_bouncing_balls(out, num_clips=4, frames=12, size=16, num_balls=2, seed=1, prefix="val")
+    return out
+
+
+@pytest.fixture
+def config_file(tmp_path, data) -> Path:
+    path = tmp_path / "run.yaml"
+    path.write_text(CONFIG.format(out=tmp_path / "run", data=data))
+    return path

@@ -119,7 +119,7 @@ def test_weight_conversion_is_exact(key, parameterization, weighting):
 
 def test_published_closed_forms():
     sched, levels = schedule("cosine"), torch.arange(1, 1001).view(10, 100)
-    snr, lam = sched.snr(levels), sched.log_snr(levels)
+    snr = sched.snr(levels)
     for gamma in (5.0, 1.0):
         clipped = snr.clamp(max=gamma)
         torch.testing.assert_close(sched.loss_weight("min_snr", levels, "eps", gamma=gamma), clipped / snr)
@@ -127,13 +127,110 @@ def test_published_closed_forms():
             sched.loss_weight("min_snr", levels, "v", gamma=gamma), clipped / (snr + 1)
         )
         torch.testing.assert_close(sched.loss_weight("min_snr", levels, "x0", gamma=gamma), clipped)
-    torch.testing.assert_close(sched.loss_weight("sigmoid", levels, "eps"), torch.sigmoid(2 - lam))
-    torch.testing.assert_close(
-        sched.loss_weight("sigmoid", levels, "eps", bias=-1.0), torch.sigmoid(-1 - lam)
-    )
     levels0 = torch.tensor([[0, 1, 1000]])
     for p in PARAMETERIZATIONS:
         assert sched.loss_weight("simple", levels0, p).tolist() == [[0.0, 1.0, 1.0]]
+
+
+def kingma_gao(sched: NoiseSchedule, bias: float) -> tuple[list[float], list[float], list[float]]:
+    """lambda_0..K, -d lambda / dt at k = 1..K (t = k / K; central differences, one-sided at the ends) and the
+    eps weight sigmoid(b - lambda_k) * (-d lambda / dt)_k, in plain math from the alpha, sigma tables."""
+    big_k = sched.levels
+    pairs = zip(sched.alpha.tolist()[1:], sched.sigma.tolist()[1:], strict=True)
+    lam = [math.inf] + [2 * (math.log(a) - math.log(s)) for a, s in pairs]
+    rate = [big_k * (lam[1] - lam[2])]
+    rate += [big_k * (lam[k - 1] - lam[k + 1]) / 2 for k in range(2, big_k)]
+    rate += [big_k * (lam[big_k - 1] - lam[big_k])]
+    w_eps = [r / (1 + math.exp(lam_k - bias)) for r, lam_k in zip(rate, lam[1:], strict=True)]
+    return lam, rate, w_eps
+
+
+@pytest.mark.parametrize("bias", [2.0, -1.0])
+@pytest.mark.parametrize("levels", [1000, 16])
+def test_sigmoid_weight_is_kingma_gao(levels, bias):
+    # Kingma & Gao (2023): 1/2 E_t~U(0,1)[w(lambda_t) (-d lambda / dt) ||eps_hat - eps||^2],
+    # w(lambda) = sigmoid(b - lambda).
+    sched = schedule("cosine", levels)
+    lam, rate, w_eps = kingma_gao(sched, bias)
+    k = torch.arange(1, levels + 1)[None]
+    f64 = functools.partial(torch.tensor, dtype=torch.float64)
+    torch.testing.assert_close(sched.neg_dlog_snr_dt(k), f64([rate]), rtol=1e-12, atol=0)
+    expected = f64([w_eps])
+    torch.testing.assert_close(
+        sched.loss_weight("sigmoid", k, "eps", bias=bias), expected, rtol=1e-10, atol=0
+    )
+    # The other parameterisations by the Jacobian relation: w_x0 = SNR w_eps, w_v = w_x0 / (1 + SNR) (VP),
+    # w_flow = w_x0 sigma^2 / (alpha + sigma)^2.
+    snr = f64([[math.exp(x) for x in lam[1:]]])
+    a, s = sched.alpha[1:][None], sched.sigma[1:][None]
+    for p, jac in [("x0", snr), ("v", snr / (1 + snr)), ("flow", snr * s**2 / (a + s) ** 2)]:
+        torch.testing.assert_close(
+            sched.loss_weight("sigmoid", k, p, bias=bias), jac * expected, rtol=1e-9, atol=0
+        )
+    if bias == 2.0:  # the default
+        assert torch.equal(
+            sched.loss_weight("sigmoid", k, "eps"), sched.loss_weight("sigmoid", k, "eps", bias=2.0)
+        )
+    assert sched.loss_weight("sigmoid", torch.zeros(1, 3, dtype=torch.long), "eps").tolist() == [[0.0] * 3]
+
+
+@pytest.mark.parametrize("levels", [1000, 16])
+@pytest.mark.parametrize("key", ["flow", "flow-shift3", "cosine-ztsnr", "linear-ztsnr"])
+def test_sigmoid_weight_finite_at_zero_terminal_snr(key, levels):
+    sched = schedule(key, levels)
+    k = torch.arange(levels + 1)[None]
+    lam = sched.log_snr(k)[0]
+    rate = sched.neg_dlog_snr_dt(k)[0]
+    assert lam[-1] == -math.inf and rate[0] == 0
+    assert rate[1:].isfinite().all() and (rate[1:] > 0).all()
+    # lambda_K = -inf makes D_{K-1} and D_K inf; both take the nearest finite one, D_{K-2}.
+    big_k = levels
+    torch.testing.assert_close(
+        rate[big_k - 2], big_k * (lam[big_k - 3] - lam[big_k - 1]) / 2, rtol=1e-12, atol=0
+    )
+    assert rate[big_k - 1] == rate[big_k] == rate[big_k - 2]
+    for p in PARAMETERIZATIONS:
+        w = sched.loss_weight("sigmoid", k, p)
+        assert w.isfinite().all() and (w >= 0).all() and w[0, 0] == 0
+    assert sched.loss_weight("sigmoid", k, "eps")[0, -1] == rate[big_k - 2]  # sigmoid(b + inf) = 1
+
+
+@pytest.mark.parametrize("key", ["cosine", "flow"])
+def test_neg_dlog_snr_dt_few_levels(key):
+    # K = 1 has no difference to take, nor K = 2 when lambda_2 = -inf: D = 1, so w_eps = sigmoid(b - lambda).
+    assert schedule(key, 1).neg_dlog_snr_dt(torch.tensor([[0, 1]])).tolist() == [[0.0, 1.0]]
+    two = schedule(key, 2)
+    lam = two.log_snr(torch.arange(3)[None])[0]
+    rate = two.neg_dlog_snr_dt(torch.tensor([[0, 1, 2]]))[0]
+    expected = 2 * (lam[1] - lam[2]) if key == "cosine" else 1.0  # one-sided at both ends
+    assert rate[0] == 0 and rate[1] == rate[2] == expected
+    for levels in (1, 2):
+        w = schedule(key, levels).loss_weight("sigmoid", torch.arange(levels + 1)[None], "x0")
+        assert w.isfinite().all() and w[0, 0] == 0
+
+
+def softplus(x: float) -> float:
+    return max(x, 0.0) + math.log1p(math.exp(-abs(x)))
+
+
+@pytest.mark.parametrize("bias", [2.0, -1.0, 5.0])
+@pytest.mark.parametrize(("levels", "rtol"), [(1000, 1e-4), (16, 1e-2)])
+def test_uniform_levels_integrate_sigmoid_over_log_snr(levels, rtol, bias):
+    # Levels drawn uniformly weight the eps error by E_k[w_eps] = sum_k w_eps / K
+    # = sum_k sigmoid(b - lambda_k) (lambda_{k-1} - lambda_{k+1}) / 2: a Riemann sum for
+    # int sigmoid(b - lambda) d lambda = softplus(b - lo) - softplus(b - hi) over the lambda range the levels
+    # cover, each level's cell reaching halfway to its neighbours; the one-sided end differences take the end
+    # cells half a step past lambda_1 and lambda_K. That half step is not small here: diffusers caps the
+    # cosine schedule's last beta at 0.999, so lambda_K - lambda_{K-1} ~ -6.9 (sum 25.3 at K = 1000, b = 2,
+    # against 21.8 over [lambda_K, lambda_1]).
+    sched = schedule("cosine", levels)
+    lam, _, w_eps = kingma_gao(sched, bias)
+    lo = lam[levels] - (lam[levels - 1] - lam[levels]) / 2
+    hi = lam[1] + (lam[1] - lam[2]) / 2
+    integral = softplus(bias - lo) - softplus(bias - hi)
+    mean = sched.loss_weight("sigmoid", torch.arange(1, levels + 1)[None], "eps", bias=bias).mean().item()
+    assert mean == pytest.approx(sum(w_eps) / levels, rel=1e-10)
+    assert mean == pytest.approx(integral, rel=rtol)
 
 
 @pytest.mark.parametrize("key", VP)

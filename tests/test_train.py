@@ -19,36 +19,12 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from dforce.checkpoint import TrainingStopped
 from dforce.cli import main
-from dforce.config import load_config
+from dforce.config import ConfigError, load_config
 from dforce.loss import DenoisingLoss, make_loss
 from dforce.model import CausalVideoTransformer
-from dforce.synthetic import write_bouncing_balls
 from dforce.train import train
+from dforce.trainer import mixed_precision
 from dforce.video import read_clip
-
-CONFIG = """\
-output_dir: {out}
-seed: 0
-train: {{max_steps: 12, checkpoint_every: 4, batch_size: 2, log_every: 4, lr: 2e-3, trackers: []}}
-data: {{shards: "{data}/train-*.tar", clip_frames: 4, num_workers: 0, pixels: uint8, shuffle_buffer: 4}}
-noise: {{levels: 50}}
-model: {{sample_size: 16, patch_size: 4, num_layers: 2, num_attention_heads: 2, attention_head_dim: 16}}
-"""
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("balls")
-    write_bouncing_balls(out, num_clips=16, frames=8, size=16, num_balls=2, seed=0, maxcount=8)
-    write_bouncing_balls(out, num_clips=4, frames=12, size=16, num_balls=2, seed=1, prefix="val")
-    return out
-
-
-@pytest.fixture
-def config_file(tmp_path, data) -> Path:
-    path = tmp_path / "run.yaml"
-    path.write_text(CONFIG.format(out=tmp_path / "run", data=data))
-    return path
 
 
 def run_cli(*args: str, **popen) -> subprocess.Popen:
@@ -232,6 +208,43 @@ def test_cli_errors_are_one_line(tmp_path, config_file, data):
         with pytest.raises(SystemExit) as exit:
             main(argv)
         assert message in str(exit.value) and "\n" not in str(exit.value)
+
+
+def test_mixed_precision_from_the_launch():
+    launched = {"ACCELERATE_MIXED_PRECISION": "bf16"}
+    assert mixed_precision(None, {}) == ("no", None)
+    assert mixed_precision(None, launched) == ("bf16", None)
+    assert mixed_precision("bf16", launched) == ("bf16", None)
+    assert mixed_precision("no", launched) == (
+        "no",
+        "mixed precision: no (train.mixed_precision) wins over the launch's bf16",
+    )
+    with pytest.raises(
+        ConfigError, match=r"launch asks for mixed precision 'fp16'; dforce trains in no or bf16"
+    ):
+        mixed_precision(None, {"ACCELERATE_MIXED_PRECISION": "fp16"})
+
+
+PRECISION = """\
+import sys
+from dforce.config import ConfigError, load_config
+from dforce.trainer import make_accelerator
+
+accelerator = make_accelerator(load_config(sys.argv[1], sys.argv[2:]))
+print(f"rank {accelerator.process_index}: {accelerator.mixed_precision}")
+"""
+
+
+def test_two_processes_take_precision_from_the_launch(tmp_path, config_file):
+    script = tmp_path / "precision.py"
+    script.write_text(PRECISION)
+    out = launch_two_processes(script, str(config_file), port=29521, mixed_precision="bf16").stdout
+    assert "rank 0: bf16" in out and "rank 1: bf16" in out and "wins" not in out
+    out = launch_two_processes(
+        script, str(config_file), "train.mixed_precision='no'", port=29521, mixed_precision="bf16"
+    ).stdout
+    assert "rank 0: no" in out and "rank 1: no" in out
+    assert out.count("mixed precision: no (train.mixed_precision) wins over the launch's bf16") == 1
 
 
 SPY = """\

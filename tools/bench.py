@@ -44,6 +44,7 @@ from dforce.noise import NoiseSchedule
 from dforce.objectives.denoising import Denoising
 from dforce.reading import read_samples
 from dforce.rollout import chunk_schedule, denoise_chunk
+from dforce.run_record import Start
 from dforce.sampler import Sampler
 from dforce.shards import ShardSink, encode_video
 from dforce.synthetic import bouncing_balls
@@ -228,7 +229,7 @@ def training_step(config: Config, device: torch.device) -> tuple[Callable[[int],
     AdamW) and the loop's EMA update; `dforce.trainer` without the data loader, whose cost `bench.py
     data` measures."""
     cfg = config.train
-    trainer = Trainer(config)
+    trainer = Trainer(config, Start())  # a fresh run: nothing loaded, nothing moved
     objective = Denoising(config, trainer)
     ema = EMA(objective.model.parameters(), decay=cfg.ema_decay, foreach=True)
     net = trainer.accelerator.unwrap_model(objective.model)
