@@ -4,6 +4,7 @@ import json
 
 import pytest
 import torch
+from conftest import pattern, write_video
 
 from dforce.backbone import load_model
 from dforce.cli import main
@@ -15,7 +16,6 @@ from dforce.noise import NoiseConfig, NoiseSchedule
 from dforce.rollout import chunk_schedule, denoise_step, rollout
 from dforce.sampler import Sampler, ddim_step, ddpm_step, euler_step
 from dforce.trajectory import scheduling_matrix
-from tests.conftest import pattern, write_video
 
 K = 1000
 CUSTOM = [[K, K, K], [600, K, K], [0, 300, 900], [0, 0, 400], [0, 0, 0]]

@@ -177,11 +177,13 @@ class GaussianPosterior(nn.Module):
         return self.mean + a * var / (a**2 * var + s**2) * (sample - a * self.mean)
 
 
-@pytest.mark.parametrize("weighting", ["teacher", "independent"])
-def test_distribution_matching_moves_a_gaussian_generator_to_the_data(tmp_path, teacher, weighting):
+@pytest.mark.parametrize(("weighting", "steps"), [("teacher", 800), ("independent", 1800)])
+def test_distribution_matching_moves_a_gaussian_generator_to_the_data(tmp_path, teacher, weighting, steps):
     """1-D Gaussian toy: teacher = exact posterior of N(2, 0.25); the generator x = b + a z starts at
     N(0, 1); the critic, a Gaussian posterior trained with the denoising loss on generated samples,
-    tracks it. The reverse KL's gradient moves the generator's mean and variance to the data's."""
+    tracks it. The reverse KL's gradient moves the generator's mean and variance to the data's. (Under
+    `independent` levels the variance first overshoots to ~3.5 and comes down slowly: at 800 steps the
+    mean is 1.80, the variance 0.86; at 1800, 2.00 and 0.29.)"""
     _, config = student_config(tmp_path, teacher, f"self_forcing.weighting={weighting}")
     model, noise = load_model(teacher[0])
     schedule = NoiseSchedule.from_name("cosine", 50)
@@ -195,7 +197,7 @@ def test_distribution_matching_moves_a_gaussian_generator_to_the_data(tmp_path, 
     g_opt = torch.optim.Adam([shift, log_scale], lr=0.02)
     c_opt = torch.optim.Adam(critic.parameters(), lr=0.05)
     gen = torch.Generator().manual_seed(0)
-    for step in range(800):
+    for step in range(steps):
         z = torch.randn(64, 4, 1, 1, 1, generator=gen)
         clip = shift + log_scale.exp() * z
         loss, _ = core.distribution_matching(data_teacher, critic, clip, seed=step, real=0, batch={})
@@ -236,7 +238,7 @@ def test_config_errors(tmp_path, teacher):
     path, _ = student_config(tmp_path, teacher)
     with pytest.raises(ConfigError, match="objective self_forcing needs"):
         load_config(path, ["self_forcing=null"])
-    with pytest.raises(ConfigError, match="self_forcing: init must be teacher or ode"):
+    with pytest.raises(ConfigError, match=r"self_forcing\.init: must be teacher or ode"):
         load_config(path, ["self_forcing.init=magic"])
     with pytest.raises(ConfigError, match="model: self-forcing takes the teacher"):
         train(load_config(path, ["model.num_layers=3"]))

@@ -1,12 +1,12 @@
 import pytest
 import torch
+from conftest import pattern
+from conftest import write_video as write_source
 from PIL import Image
 
 from dforce.data import to_float
 from dforce.decode import decode_video
 from dforce.video import read_clip, side_by_side, to_uint8, write_video
-from tests.conftest import pattern
-from tests.conftest import write_video as write_source
 
 
 def test_to_uint8_inverts_to_float():
