@@ -39,6 +39,7 @@ from dforce.engine import LEVEL_BINS, Meter
 from dforce.evaluate import METRICS, Clips, EvalSettings, copy_last_frame, evaluate, read_clips, summarise
 from dforce.loss import make_loss
 from dforce.plots import plot_curves, plot_weightings
+from dforce.scheduling import SCHEDULING_OPTIONS
 from dforce.train import train
 from dforce.trajectory import get_weighting
 
@@ -181,11 +182,9 @@ def ablate(
             )
         except ValueError as error:
             raise AblationError(f"--weightings: {error}") from None
-    unknown = sorted(set(schedules) - {"autoregressive", "pyramid", "sync", "teacher"})
+    unknown = sorted(set(schedules) - set(SCHEDULING_OPTIONS))
     if unknown:
-        raise AblationError(
-            f"--schedules: unknown {unknown}; choose from autoregressive, pyramid, sync, teacher"
-        )
+        raise AblationError(f"--schedules: unknown {unknown}; choose from {', '.join(SCHEDULING_OPTIONS)}")
     eval_clips = read_clips(val.shards, clips, val.context_frames + val.rollout_frames, base.data.size)
 
     rows, frame_rows, loss_rows = [], [], []

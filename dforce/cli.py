@@ -190,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--schedule",
         dest="scheduling",
         default="autoregressive",
-        choices=["autoregressive", "pyramid", "sync", "teacher"],
+        help="autoregressive, pyramid, sync or teacher (`dforce.scheduling`)",
     )
     evaluation.add_argument("--steps", type=int, default=10, help="denoising steps per frame")
     evaluation.add_argument("--chunk", type=int, default=None, help="frames per scheduling matrix")

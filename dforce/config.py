@@ -26,7 +26,8 @@ from dforce import DforceError
 from dforce.clips import DataConfig
 from dforce.model import CausalVideoTransformer
 from dforce.noise import NoiseConfig
-from dforce.trajectory import get_weighting, scheduling_matrix
+from dforce.scheduling import scheduling_matrix
+from dforce.trajectory import get_weighting
 
 # fp16's loss scaling would fight the non-finite-step skip, so a run trains in fp32 or bf16.
 PRECISIONS = ("no", "bf16")

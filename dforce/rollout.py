@@ -20,7 +20,7 @@ from dforce.backbone import Backbone
 from dforce.history import History
 from dforce.noise import NoiseSchedule
 from dforce.sampler import Sampler
-from dforce.trajectory import scheduling_matrix
+from dforce.scheduling import scheduling_matrix
 
 Matrix = str | Sequence[Sequence[int]] | Tensor
 

@@ -1,4 +1,4 @@
-"""Trajectory weightings over the noise-level cube {0..K}^n, and scheduling matrices.
+"""Trajectory weightings over the noise-level cube {0..K}^n.
 
 A state is the vector of per-frame levels s = (k_1..k_n); generation walks a monotone path
 from (K..K) to (0..0), and the training loss is the expected sum of the KL terms of the path's
@@ -12,7 +12,8 @@ n*K one-level decrements that lower frame j at state s (it sums to 1 over all pa
 `sample` is scaled so that E[weights[:, j] * 1[levels == s]] == edge_probability(s, j) exactly.
 Every weighting thus has the same loss scale (the mean KL per edge), and mixtures are exact.
 
-Inference follows a single path: a scheduling matrix [S+1, n] whose rows are states.
+Inference follows a single path, a scheduling matrix (`dforce.scheduling`); `schedule:NAME` trains
+on one.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from typing import ClassVar
 import numpy
 import torch
 from torch import Tensor
+
+from dforce.scheduling import scheduling_matrix
 
 # Below this many decrements per path (n * K), `edge_probability` uses exact integer arithmetic.
 EXACT_LIMIT = 64
@@ -355,83 +358,3 @@ def get_weighting(name: str, frames: int, levels: int, **options) -> Weighting:
             f"weighting '{name}' got unknown options {sorted(unknown)}; it takes {sorted(takes)}"
         )
     return WEIGHTINGS[name](frames, levels, **options)
-
-
-SCHEDULES = ("autoregressive", "pyramid", "sync", "teacher")
-
-
-def scheduling_matrix(
-    name: str | Sequence[Sequence[int]] | Tensor,
-    frames: int,
-    levels: int,
-    steps: int,
-    **options,
-) -> Tensor:
-    """Rows are states from all-`levels` to all-0, each elementwise <= the one before: [S+1, frames].
-
-    `autoregressive` denoises `block` frames at a time (default 1), each in `steps` steps;
-    `pyramid` starts frame j `offset` steps after frame j-1 (default 1); `sync` moves all frames
-    together; `teacher` is autoregressive with one frame per block (the staircase edge of the
-    cube when steps == levels). `shift` (every schedule, default 1) spaces the steps as
-    t -> shift * t / (1 + (shift - 1) * t) of t = level / levels (SD3's timestep shift): above 1 it spends
-    more of few steps at high noise. A list or tensor is taken as a custom matrix and validated.
-    """
-    if not isinstance(name, str):
-        if options:
-            raise ValueError(f"a custom scheduling matrix takes no options, got {sorted(options)}")
-        return check_scheduling_matrix(name, frames, levels)
-    if not 1 <= steps <= levels:
-        raise ValueError(f"steps must be in 1..levels={levels}, got {steps}")
-    allowed = {"autoregressive": {"block"}, "pyramid": {"block", "offset"}, "sync": set(), "teacher": set()}
-    allowed = {key: value | {"shift"} for key, value in allowed.items()}
-    if name not in allowed:
-        raise ValueError(f"unknown schedule '{name}'; choose from {', '.join(SCHEDULES)} or give a matrix")
-    if unknown := set(options) - allowed[name]:
-        raise ValueError(f"schedule '{name}' got unknown options {sorted(unknown)}")
-    block = options.get("block", 1)
-    offset = {"autoregressive": steps, "teacher": steps, "sync": 0}.get(name, options.get("offset", 1))
-    if block < 1 or not 0 <= offset <= steps:
-        raise ValueError(
-            f"need block >= 1 and 0 <= offset <= steps={steps}, got block={block}, offset={offset}"
-        )
-    shift = options.get("shift", 1.0)
-    if shift <= 0:
-        raise ValueError(f"shift must be > 0, got {shift}")
-    t = torch.linspace(1, 0, steps + 1, dtype=torch.float64)
-    grid = (shift * t / (1 + (shift - 1) * t) * levels).round().long()  # [steps+1]
-    if (grid[1:] == grid[:-1]).any():
-        raise ValueError(f"shift={shift} puts two of the {steps} steps on one level; use fewer steps")
-    blocks = torch.arange(frames) // block  # [n] block of each frame
-    rows = steps + int(blocks[-1]) * offset
-    progress = torch.arange(rows + 1)[:, None] - blocks[None, :] * offset  # [S+1, n]
-    return grid[progress.clamp(0, steps)]
-
-
-def check_scheduling_matrix(matrix: Sequence[Sequence[int]] | Tensor, frames: int, levels: int) -> Tensor:
-    """Validate a custom scheduling matrix and return it as LongTensor [S+1, frames]."""
-    try:
-        m = torch.as_tensor(matrix)
-    except (TypeError, ValueError) as error:
-        raise ValueError(f"scheduling matrix is not a rectangular list of integers: {error}") from None
-    if m.is_floating_point() or m.is_complex() or m.dtype == torch.bool:
-        raise ValueError(f"scheduling matrix must hold integer levels, got dtype {m.dtype}")
-    if m.ndim != 2 or m.shape[1] != frames or m.shape[0] < 2:
-        raise ValueError(
-            f"scheduling matrix must have shape [S+1 >= 2, frames={frames}], got {list(m.shape)}"
-        )
-    m = m.long()
-    if m.min() < 0 or m.max() > levels:
-        raise ValueError(f"scheduling matrix levels must lie in 0..{levels}, got {m.min()}..{m.max()}")
-    if (m[0] != levels).any():
-        raise ValueError(f"scheduling matrix row 0 must be all {levels} (pure noise), got {m[0].tolist()}")
-    if (m[-1] != 0).any():
-        raise ValueError(f"scheduling matrix last row must be all 0 (clean), got {m[-1].tolist()}")
-    for row in range(len(m) - 1):
-        if (m[row + 1] > m[row]).any():
-            raise ValueError(
-                f"scheduling matrix row {row + 1} raises a level of row {row}: "
-                f"{m[row].tolist()} -> {m[row + 1].tolist()}"
-            )
-        if (m[row + 1] == m[row]).all():
-            raise ValueError(f"scheduling matrix rows {row} and {row + 1} are equal: {m[row].tolist()}")
-    return m

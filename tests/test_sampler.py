@@ -15,7 +15,7 @@ from dforce.model import CausalVideoTransformer
 from dforce.noise import NoiseConfig, NoiseSchedule
 from dforce.rollout import chunk_schedule, denoise_step, rollout
 from dforce.sampler import Sampler, ddim_step, ddpm_step, euler_step
-from dforce.trajectory import scheduling_matrix
+from dforce.scheduling import scheduling_matrix
 
 K = 1000
 CUSTOM = [[K, K, K], [600, K, K], [0, 300, 900], [0, 0, 400], [0, 0, 0]]

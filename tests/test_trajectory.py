@@ -190,59 +190,6 @@ def test_uniform_paths_collapse_to_the_diagonal_without_a_coarse_cube():
     assert spread(fine) < 0.03 < 0.1 < spread(coarse)
 
 
-@pytest.mark.parametrize("frames", [1, 3, 5])
-@pytest.mark.parametrize(
-    "name,options",
-    [
-        ("autoregressive", {}),
-        ("autoregressive", {"block": 2}),
-        ("pyramid", {}),
-        ("pyramid", {"offset": 3}),
-        ("sync", {}),
-        ("teacher", {}),
-    ],
-)
-def test_scheduling_matrices_are_monotone_paths(frames, name, options):
-    levels, steps = 20, 4
-    m = scheduling_matrix(name, frames, levels, steps, **options)
-    assert m.dtype == torch.long and m.shape[1] == frames
-    assert (m[0] == levels).all() and (m[-1] == 0).all()
-    assert (m[1:] <= m[:-1]).all() and ((m[1:] < m[:-1]).any(dim=1)).all()
-    changed = m[1:] != m[:-1]  # [S, frames]
-    if name == "sync":
-        assert len(m) == steps + 1 and (m == m[:, :1]).all()
-    if name in ("autoregressive", "teacher"):
-        block = options.get("block", 1)
-        assert changed.sum(dim=1).max() <= block and len(m) == steps * math.ceil(frames / block) + 1
-    if name == "pyramid":
-        offset = options.get("offset", 1)
-        start = changed.float().argmax(dim=0)  # first row at which each frame moves
-        assert torch.equal(start, torch.arange(frames) * offset)
-
-
-def test_scheduling_matrix_unit_steps_visit_every_level():
-    m = scheduling_matrix("autoregressive", 2, 3, 3)
-    assert m.tolist() == [[3, 3], [2, 3], [1, 3], [0, 3], [0, 2], [0, 1], [0, 0]]
-
-
-@pytest.mark.parametrize(
-    "matrix,message",
-    [
-        ([[3, 3], [0, 0], [0, 0]], "rows 1 and 2 are equal"),
-        ([[3, 3], [1, 2], [2, 0], [0, 0]], "row 2 raises a level"),
-        ([[3, 2], [0, 0]], "row 0 must be all 3"),
-        ([[3, 3], [1, 0]], "last row must be all 0"),
-        ([[3, 3, 3], [0, 0, 0]], "shape"),
-        ([[3, 3], [4, 0], [0, 0]], "lie in 0..3"),
-        ([[3.0, 3.0], [0.0, 0.0]], "integer"),
-        ([[3, 3], [0]], "rectangular"),
-    ],
-)
-def test_malformed_custom_matrix_is_a_clear_error(matrix, message):
-    with pytest.raises(ValueError, match=message):
-        scheduling_matrix(matrix, 2, 3, 1)
-
-
 def test_custom_matrix_is_accepted_and_trains_as_a_schedule():
     matrix = [[3, 3], [1, 3], [0, 2], [0, 0]]
     assert scheduling_matrix(matrix, 2, 3, 1).tolist() == matrix
@@ -261,8 +208,6 @@ def test_custom_matrix_is_accepted_and_trains_as_a_schedule():
         (lambda: get_weighting("schedule:spiral", 2, 3), "unknown schedule 'spiral'"),
         (lambda: get_weighting("mixture", 2, 3), "needs components"),
         (lambda: get_weighting("mixture", 2, 3, components={"paths": -1}), "positive"),
-        (lambda: scheduling_matrix("pyramid", 2, 3, 4), "steps"),
-        (lambda: scheduling_matrix("sync", 2, 3, 3, block=2), "unknown options"),
         (lambda: get_weighting("paths", 2, 3).edge_probability((1, 4), 0), "state"),
     ],
 )
