@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     sampler.add_argument(
         "--sink", type=int, default=0, help="first frames kept in the KV cache's window for good"
     )
-    sampler.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm", "euler"])
+    sampler.add_argument("--sampler", default="ddim", help="ddim, ddpm or euler (`dforce.sampler.SAMPLERS`)")
     sampler.add_argument("--eta", type=float, default=0.0, help="ddim stochasticity, 0 (deterministic) .. 1")
     sampler.add_argument("--label", type=int, default=None, help="class label, for class-conditional models")
     sampler.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance over --label")
@@ -201,7 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument(
         "--shift", type=float, default=None, help="timestep shift of the steps (>1: more at high noise)"
     )
-    evaluation.add_argument("--sampler", default="ddim", choices=["ddim", "ddpm", "euler"])
+    evaluation.add_argument(
+        "--sampler", default="ddim", help="ddim, ddpm or euler (`dforce.sampler.SAMPLERS`)"
+    )
     evaluation.add_argument(
         "--context-noise", type=int, default=0, help="level at which finished frames are seen"
     )

@@ -5,6 +5,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from collections.abc import Collection
+
+
+def check_choice(flag: str, value: str, table: Collection[str]) -> None:
+    """A ValueError naming the flag and the valid names of the table the code uses."""
+    if value not in table:
+        raise ValueError(f"{flag} {value}: unknown; choose from {', '.join(table)}")
 
 
 def plot_weights(args: argparse.Namespace) -> None:
@@ -80,10 +87,15 @@ def sample(args: argparse.Namespace) -> None:
     from dforce.clips import resize_crop
     from dforce.data import to_float
     from dforce.rollout import chunk_schedule, rollout
+    from dforce.sampler import SAMPLERS
+    from dforce.scheduling import SCHEDULING_OPTIONS
     from dforce.video import read_clip, side_by_side, to_uint8, write_video
 
     if not args.out.endswith(".mp4"):
         raise ValueError(f"--out {args.out}: must be a .mp4 file (a .gif is written beside it)")
+    if not args.schedule.endswith(".json"):  # before the model is loaded
+        check_choice("--schedule", args.schedule, SCHEDULING_OPTIONS)
+    check_choice("--sampler", args.sampler, SAMPLERS)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, noise = load_model(args.model)
     model.to(device)

@@ -161,3 +161,31 @@ def test_cli_writes_json_csv_and_png(model_dir, shards, tmp_path, capsys):
 def test_cli_names_a_missing_model(shards, tmp_path):
     with pytest.raises(SystemExit, match=r"no config\.json"):
         main(["eval", "--model", str(tmp_path), "--data", shards])
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (
+            ["sample", "--frames", "3", "--out", "a.mp4", "--sampler", "foo"],
+            "--sampler foo: unknown; choose from ddim",
+        ),
+        (
+            ["sample", "--frames", "3", "--out", "a.mp4", "--schedule", "foo"],
+            "--schedule foo: unknown; choose",
+        ),
+        (
+            ["eval", "--data", "x.tar", "--sampler", "foo"],
+            "--sampler foo: unknown; choose from ddim, ddpm, euler",
+        ),
+        (
+            ["eval", "--data", "x.tar", "--schedule", "foo"],
+            "--schedule foo: unknown; choose from autoregressive",
+        ),
+    ],
+)
+def test_bad_names_fail_before_the_model_is_read(tmp_path, argv, message):
+    """The model directory does not exist: the name is checked first, against the code's own table."""
+    with pytest.raises(SystemExit) as exit:
+        main([argv[0], "--model", str(tmp_path / "nowhere"), *argv[1:]])
+    assert message in str(exit.value)
