@@ -161,12 +161,11 @@ def evaluate(args: argparse.Namespace) -> None:
 
     from dforce.backbone import load_model
     from dforce.evaluate import EvalSettings, evaluate, read_clips, write_report
+    from dforce.sampler import SAMPLERS
     from dforce.scheduling import SCHEDULING_OPTIONS
 
-    if args.scheduling not in SCHEDULING_OPTIONS:  # before the model and clips are read
-        raise ValueError(
-            f"--schedule {args.scheduling}: unknown; choose from {', '.join(SCHEDULING_OPTIONS)}"
-        )
+    check_choice("--schedule", args.scheduling, SCHEDULING_OPTIONS)  # before the model and clips are read
+    check_choice("--sampler", args.sampler, SAMPLERS)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, noise = load_model(args.model)
     model.to(device)
