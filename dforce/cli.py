@@ -72,6 +72,36 @@ def build_parser() -> argparse.ArgumentParser:
     )
     shards.set_defaults(run=commands.make_shards)
 
+    latents = subcommands.add_parser(
+        "encode-latents",
+        help="video shards -> latent shards, through a diffusers VAE",
+        description="Encodes every video sample of SHARDS with a diffusers autoencoder from a local folder "
+        "(AutoencoderKL frame by frame; AutoencoderKLWan, CogVideoX and LTX whole clips) and writes "
+        "latent.npy (float16 [T', c, h, w], unscaled) with the video's json record, whose `latent` entry "
+        "says what the latents mean (the VAE, its compressions and normalisation, the frames encoded). A "
+        "causal video VAE encodes 1 + rk frames (Wan: 1 + 4k): any other length of the first sample is an "
+        "error naming the nearest valid ones, and a later sample of such a length is skipped and listed.",
+    )
+    latents.add_argument("shards", help="video shards: a list (a::b), glob or brace pattern")
+    latents.add_argument("--vae", required=True, help="local folder of a diffusers autoencoder or pipeline")
+    latents.add_argument("--subfolder", default=None, help="the VAE's folder inside --vae, e.g. vae")
+    latents.add_argument("--out", required=True, help="output folder")
+    latents.add_argument("--size", default=None, help="N (square) or HxW: scale to cover, centre-crop first")
+    latents.add_argument("--tiling", action="store_true", help="encode large frames tile by tile")
+    latents.add_argument("--slicing", action="store_true", help="one frame per VAE call (image VAEs)")
+    latents.add_argument("--batch-frames", type=int, default=16, help="frames per VAE call (image VAEs)")
+    latents.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    latents.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    latents.add_argument("--prefix", default="train", help="shards are PREFIX-000000.tar, ...")
+    latents.add_argument("--maxcount", type=int, default=1000, help="samples per shard at most")
+    latents.add_argument(
+        "--overwrite", action="store_true", help="delete PREFIX-*.tar shards already in --out"
+    )
+    latents.add_argument(
+        "--keep-video", action="store_true", help="also store each video file, to compare with later"
+    )
+    latents.set_defaults(run=commands.encode_latents)
+
     synthetic = subcommands.add_parser(
         "make-synthetic",
         help="bouncing-balls shards, the built-in dataset",

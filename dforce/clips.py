@@ -1,8 +1,9 @@
 """Where clips come from and how they are cut (`DataConfig`), and one shard sample made into a clip.
 
 A shard sample is a video file (`mp4`, `webm`, `mkv`, `avi`, ...) or a `latent.npy` array, next to a
-`json` record (`fps`, `label`, per-frame `actions`, ...). The clip's frames, their resizing and cropping
-come from a random generator given by the caller, so a clip is a pure function of (sample, seed).
+`json` record (`fps`, `label`, per-frame `actions`, ...; for latents their `LatentSpace` under `latent`).
+The clip's frames, their resizing and cropping come from a random generator given by the caller, so a
+clip is a pure function of (sample, seed).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from dforce.decode import VIDEO_EXTENSIONS, SkipSample, Video
+from dforce.latents import LatentSpace
 
 LATENT_FIELD = "latent.npy"
 FRAME_FIELDS = ("actions", "states")  # json arrays with one row per frame, cut like the video
@@ -30,8 +32,8 @@ class DataConfig:
     clip_frames: int = 16
     frame_stride: int = 1  # every n-th frame of the stored video (or latent)
     fps: float | None = None  # resample to this frame rate instead of using frame_stride (videos only)
-    clip_start: int | None = None  # first frame of every clip; None draws it uniformly
-    size: int | list[int] | None = None  # square side or [height, width]; None keeps the stored size
+    clip_start: int | None = None  # first frame of every clip; None draws it (causal latents: always 0)
+    size: int | list[int] | None = None  # square side or [height, width] of videos; None: the stored size
     crop: str = "center"  # "center" or "random", after scaling the clip to cover `size`
     pixels: str = "float32"  # "float32" in [-1, 1], or "uint8" (4x less to move) for `to_float` on the device
     num_workers: int = 2
@@ -117,30 +119,55 @@ def _video_clip(data: bytes, config: DataConfig, rng: np.random.Generator) -> tu
     return resize_crop(video.read(indices), config.size, config.crop, rng), indices  # [T, C, H, W] uint8
 
 
+def latent_space(record: dict) -> LatentSpace:
+    """The `LatentSpace` of a latent sample's json record; ValueError if it has none or an old one."""
+    info = record.get("latent")
+    if not isinstance(info, dict):
+        raise ValueError("the json record has no latent entry")
+    try:
+        return LatentSpace.from_dict(info)
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"{error}: re-encode the shards with dforce encode-latents") from None
+
+
+def check_latent_config(config: DataConfig, space: LatentSpace) -> None:
+    """ValueError if `config` cuts clips that latents of `space` cannot give: latents keep the size and
+    frame rate they were encoded at, and causal ones start at latent 0, the one that stands for one frame."""
+    for name in ("size", "fps"):
+        if getattr(config, name) is not None:
+            raise ValueError(
+                f"data.{name} is {getattr(config, name)}, but latents keep the {name} they were encoded at: "
+                f"unset data.{name} for latent shards"
+            )
+    if space.causal and (config.clip_start not in (None, 0) or config.frame_stride != 1):
+        raise ValueError(
+            f"{space.vae_class} latents are causal (latent 0 is frame 0, every later one "
+            f"{space.temporal_compression} frames): clips start at latent 0 with frame_stride 1, got "
+            f"clip_start {config.clip_start} and frame_stride {config.frame_stride}"
+        )
+
+
 def _latent_clip(
     data: bytes, record: dict, config: DataConfig, rng: np.random.Generator
 ) -> tuple[torch.Tensor, np.ndarray]:
     try:
+        space = latent_space(record)
+    except ValueError as error:
+        raise SkipSample(str(error)) from None
+    check_latent_config(config, space)  # a config error, not the sample's
+    try:
         latent = np.load(io.BytesIO(data), allow_pickle=False)  # [N, C, h, w]
     except (ValueError, OSError, EOFError) as error:
         raise SkipSample(f"unreadable latent: {error}") from error
-    if latent.ndim != 4:
-        raise SkipSample(f"latent has shape {latent.shape}, expected [frames, channels, height, width]")
-    indices = clip_indices(len(latent), config.clip_frames, config.frame_stride, config.clip_start, rng)
-    clip = torch.from_numpy(latent[indices].astype(np.float32))  # [T, C, h, w]
-    info = record.get("latent", {})
-    if info.get("latents_mean") is not None:  # per-channel statistics (Wan-style autoencoders)
-        mean, std = (torch.tensor(info[key], dtype=torch.float32) for key in ("latents_mean", "latents_std"))
-        if mean.shape != std.shape or len(mean) != clip.shape[1]:
-            raise SkipSample(
-                f"latents_mean/std have {len(mean)}/{len(std)} entries for {clip.shape[1]} channels"
-            )
-        return (clip - mean.view(-1, 1, 1)) / std.view(-1, 1, 1), indices
-    return (clip - info.get("shift_factor", 0.0)) * info.get("scaling_factor", 1.0), indices
+    if latent.ndim != 4 or latent.shape[1] != space.channels:
+        raise SkipSample(f"latent has shape {latent.shape}, expected [frames, {space.channels}, h, w]")
+    start = 0 if space.causal else config.clip_start
+    indices = clip_indices(len(latent), config.clip_frames, config.frame_stride, start, rng)
+    return space.normalize(torch.from_numpy(latent[indices].astype(np.float32))), indices  # [T, C, h, w]
 
 
 def decode_sample(sample: dict, config: DataConfig, rng: np.random.Generator) -> dict:
-    """One clip: `video` `[T, C, H, W]` (uint8 pixels, or float scaled latents), `label`, `actions`
+    """One clip: `video` `[T, C, H, W]` (uint8 pixels, or normalized float latents), `label`, `actions`
     `[T, A]`, `states` `[T, ...]` when the record has them. Raises SkipSample with the reason if it cannot."""
     try:
         record = json.loads(sample["json"]) if "json" in sample else {}

@@ -51,6 +51,32 @@ def make_shards(args: argparse.Namespace) -> None:
     print(summary)
 
 
+def encode_latents(args: argparse.Namespace) -> None:
+    import torch
+
+    from dforce.clips import parse_size
+    from dforce.encode_latents import encode_latents
+
+    summary = encode_latents(
+        args.shards,
+        args.out,
+        args.vae,
+        subfolder=args.subfolder,
+        size=parse_size(args.size) if args.size else None,
+        tiling=args.tiling,
+        slicing=args.slicing,
+        batch_frames=args.batch_frames,
+        device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+        dtype=getattr(torch, args.dtype),
+        prefix=args.prefix,
+        maxcount=args.maxcount,
+        overwrite=args.overwrite,
+        keep_video=args.keep_video,
+        progress=True,
+    )
+    print(summary)
+
+
 def make_synthetic(args: argparse.Namespace) -> None:
     from dforce.synthetic import write_bouncing_balls
 

@@ -6,26 +6,89 @@ resumed run repeats an uninterrupted one. The split over ranks and workers, the 
 epoch length are done here rather than with webdataset's `split_by_node`, `shuffle` and `with_epoch`:
 those split by torch.distributed's rank, seed from the clock unless told, count per worker (so ranks can
 end unevenly), and would decode every skipped sample on resume. Reading the tars is `dforce.reading`;
-cutting one sample into a clip, `dforce.clips`.
+cutting one sample into a clip, `dforce.clips`; `probe_shards` checks what shards hold before a run.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import logging
 import math
+import os
+import tarfile
 from collections import deque
 from collections.abc import Iterator
+from urllib.parse import urlparse
 
 import numpy as np
 import torch
+import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from dforce.clips import FRAME_FIELDS, DataConfig, decode_sample
+from dforce.clips import (
+    FRAME_FIELDS,
+    LATENT_FIELD,
+    DataConfig,
+    check_latent_config,
+    decode_sample,
+    latent_space,
+)
 from dforce.decode import SkipSample
+from dforce.latents import LatentSpace
 from dforce.reading import count_samples, expand_shards, name_shards, read_samples
 
 logger = logging.getLogger(__name__)
+
+
+def _first_sample(path: str) -> dict[str, bytes | None]:
+    """The fields of a tar's first sample: the json record's bytes, the other fields' names only."""
+    fields, first = {}, None
+    try:
+        with tarfile.open(path, "r:*") as tar:
+            for member in tar:
+                key, ext = wds.tariterators.base_plus_ext(member.name)
+                if not member.isreg() or key is None or member.name.startswith("__"):
+                    continue
+                if first is not None and key != first:
+                    break
+                first, fields[ext] = key, tar.extractfile(member).read() if ext == "json" else None
+    except (tarfile.TarError, OSError) as error:
+        logger.warning("shard %s is unreadable at its first sample: %s", path, error)
+    return fields
+
+
+def probe_shards(data: DataConfig) -> LatentSpace | None:
+    """The `LatentSpace` of latent shards, or None for video shards, from the first sample of each local
+    shard (remote ones are not read), so that a run can refuse its data before it builds anything.
+
+    ValueError naming the files if videos and latents mix, if two shards hold latents of different
+    autoencoders, or if `data` asks what latents cannot do (`clips.check_latent_config`).
+    """
+    videos, latents, space, source = [], [], None, None
+    for url in expand_shards(data.shards):
+        path = urlparse(url).path if url.startswith("file:") else url
+        fields = _first_sample(path) if os.path.isfile(path) else {}
+        if not fields:
+            continue
+        if LATENT_FIELD not in fields:
+            videos.append(url)
+            continue
+        latents.append(url)
+        try:
+            record = json.loads(fields.get("json") or b"{}")
+            found = latent_space(record if isinstance(record, dict) else {})
+        except ValueError as error:
+            raise ValueError(f"{url}: {error}") from None
+        if space is None:
+            space, source = found, url
+        elif difference := space.mismatch(found):
+            raise ValueError(f"{source} and {url} hold latents of different autoencoders: {difference}")
+    if videos and latents:
+        raise ValueError(f"shards mix videos ({name_shards(videos)}) and latents ({name_shards(latents)})")
+    if space is not None:
+        check_latent_config(data, space)
+    return space
 
 
 def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -239,7 +302,7 @@ def make_loader(
     """Batches of one epoch on one rank (`start` = batches this rank already consumed in the epoch).
 
     Each batch is a dict: `video` `[B, T, C, H, W]` (float in [-1, 1]; uint8 with `pixels="uint8"`,
-    for `to_float` on the device; scaled latents when `latent`), `key` (sample keys), `latent` (bool),
+    for `to_float` on the device; normalized latents when `latent`), `key` (sample keys), `latent` (bool),
     `skipped` (bad samples replaced in this batch: sum it for the training log), and `label` `[B]`
     long, `actions` `[B, T, A]`, `states` `[B, T, ...]` when every record has them. Do not pass the
     loader through `accelerator.prepare`: it splits the data itself, and Accelerate would drop samples.

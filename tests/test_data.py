@@ -9,6 +9,7 @@ from conftest import pattern, write_index_shards
 from dforce.clips import DataConfig, clip_indices, resize_crop
 from dforce.data import make_loader, to_float
 from dforce.decode import SkipSample, Video
+from dforce.latents import LatentSpace
 from dforce.reading import expand_shards
 from dforce.shards import ShardSink, encode_video
 
@@ -257,7 +258,11 @@ def test_latent_samples_are_scaled(tmp_path):
     latent = np.random.default_rng(0).normal(size=(6, 4, 2, 2)).astype(np.float16)  # [N, C, h, w]
     buffer = io.BytesIO()
     np.save(buffer, latent, allow_pickle=False)
-    record = {"latent": {"scaling_factor": 0.5, "shift_factor": 0.1}, "actions": [[i] for i in range(6)]}
+    space = LatentSpace(
+        vae_class="AutoencoderKL", config_hash="0" * 64, path="/vae", subfolder=None, temporal_compression=1,
+        spatial_compression=8, causal=False, channels=4, scaling_factor=0.5, shift_factor=0.1,
+    )  # fmt: skip
+    record = {"latent": space.to_dict(), "actions": [[i] for i in range(6)]}
     with ShardSink(tmp_path) as sink:
         for i in range(2):
             sink.write({"__key__": f"k{i}", "latent.npy": buffer.getvalue(), "json": record})
