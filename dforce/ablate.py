@@ -41,7 +41,9 @@ from dforce.loss import make_loss
 from dforce.plots import plot_curves, plot_weightings
 from dforce.scheduling import SCHEDULING_OPTIONS
 from dforce.train import train
+from dforce.trainer import data_space
 from dforce.trajectory import get_weighting
+from dforce.vae import load_decoder
 
 SCHEDULES = ("autoregressive", "pyramid", "sync")
 TABLE = (  # (column, key in results, digits)
@@ -185,7 +187,10 @@ def ablate(
     unknown = sorted(set(schedules) - set(SCHEDULING_OPTIONS))
     if unknown:
         raise AblationError(f"--schedules: unknown {unknown}; choose from {', '.join(SCHEDULING_OPTIONS)}")
-    eval_clips = read_clips(val.shards, clips, val.context_frames + val.rollout_frames, base.data.size)
+    space = data_space(base)  # latent runs are scored on decoded frames, with the shards' VAE
+    decoder = None if space is None else load_decoder(space, "cuda" if torch.cuda.is_available() else "cpu")
+    frames = val.context_frames + val.rollout_frames
+    eval_clips = read_clips(val.shards, clips, frames, base.data.size, decoder)
 
     rows, frame_rows, loss_rows = [], [], []
     runs = [(w, base.seed + i) for w in weightings for i in range(seeds)]
@@ -223,7 +228,9 @@ def ablate(
                 elbo_draws=elbo_draws,
             )
             key = {"step": step, "clips": clips, "shards": val.shards, **dataclasses.asdict(settings)}
-            result = _cached(eval_dir / f"{schedule}.json", key, evaluate, model, noise, eval_clips, settings)
+            result = _cached(
+                eval_dir / f"{schedule}.json", key, evaluate, model, noise, eval_clips, settings, decoder
+            )
             rows.append({"weighting": weighting, "seed": seed, "schedule": schedule, **result["summary"]})
             frames = result["frames"]
             for i, index in enumerate(frames["index"]):

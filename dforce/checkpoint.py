@@ -3,7 +3,8 @@ that loads, never deleted but for the rotation the config asks for (`keep_checkp
 
 `output_dir/checkpoints/step_N` holds `accelerator.save_state` (every prepared model, optimiser and
 scheduler, the registered EMA and counters, the RNG states); `output_dir/model` the EMA weights as a
-diffusers model directory plus `noise.json`, which `dforce.backbone.load_model` reads.
+diffusers model directory plus `noise.json`, which `dforce.backbone.load_model` reads, and for a latent
+model `vae.json` (`dforce.latents.LatentSpace.of_model`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from dforce import DforceError
 from dforce.ema import ema_weights
+from dforce.latents import LatentSpace
 from dforce.noise import NoiseConfig
 
 CHECKPOINTS = "checkpoints"
@@ -88,10 +90,16 @@ def save_checkpoint(accelerator: Accelerator, directory: Path, step: int, keep: 
 
 
 def export_model(
-    accelerator: Accelerator, model: torch.nn.Module, ema: EMAModel, noise: NoiseConfig, directory: Path
+    accelerator: Accelerator,
+    model: torch.nn.Module,
+    ema: EMAModel,
+    noise: NoiseConfig,
+    directory: Path,
+    space: LatentSpace | None = None,
 ) -> None:
-    """The EMA weights as a diffusers model directory plus `noise.json`, replaced atomically. Under FSDP
-    every rank joins in gathering the whole weights, which the main process writes from a plain copy."""
+    """The EMA weights as a diffusers model directory plus `noise.json` (and, for a latent model,
+    `vae.json`: which VAE decodes it), replaced atomically. Under FSDP every rank joins in gathering the
+    whole weights, which the main process writes from a plain copy."""
     with ema_weights(ema, model):
         net = accelerator.unwrap_model(model)
         if accelerator.is_fsdp2:
@@ -104,6 +112,8 @@ def export_model(
             shutil.rmtree(partial, ignore_errors=True)
             net.save_pretrained(partial)
             noise.save(partial)
+            if space is not None:
+                space.save(partial)
             old = directory.with_name(f".old-{directory.name}")
             if directory.exists():
                 directory.rename(old)

@@ -149,7 +149,15 @@ def build_parser() -> argparse.ArgumentParser:
         "video.",
     )
     sampler.add_argument("--model", required=True, help="a model directory written by training")
-    sampler.add_argument("--frames", type=int, required=True, help="frames to generate after the context")
+    sampler.add_argument(
+        "--frames",
+        type=int,
+        required=True,
+        help="model frames to generate after the context (latent ones for a latent model)",
+    )
+    sampler.add_argument(
+        "--vae", default=None, help="a latent model's VAE folder, if not where its vae.json says it was"
+    )
     sampler.add_argument("--context", default=None, help="a video file, or shards (.tar, glob or pattern)")
     sampler.add_argument("--context-index", type=int, default=0, help="which shard sample to continue")
     sampler.add_argument(
@@ -210,6 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
         "Writes metrics.json, metrics.csv and metrics.png to --out.",
     )
     evaluation.add_argument("--model", required=True, help="a model directory written by training")
+    evaluation.add_argument(
+        "--vae", default=None, help="a latent model's VAE folder, if not where its vae.json says it was"
+    )
     evaluation.add_argument("--data", required=True, help="held-out shards (.tar, glob or brace pattern)")
     evaluation.add_argument("--clips", type=int, default=16, help="the first N samples of --data")
     evaluation.add_argument(

@@ -11,7 +11,8 @@ from collections.abc import Collection
 def check_choice(flag: str, value: str, table: Collection[str]) -> None:
     """A ValueError naming the flag and the valid names of the table the code uses."""
     if value not in table:
-        raise ValueError(f"{flag} {value}: unknown; choose from {', '.join(table)}")
+        what = flag.removeprefix("--")
+        raise ValueError(f"{flag}: unknown {what} '{value}'; choose from {', '.join(table)}")
 
 
 def plot_weights(args: argparse.Namespace) -> None:
@@ -112,9 +113,11 @@ def sample(args: argparse.Namespace) -> None:
     from dforce.backbone import load_model
     from dforce.clips import resize_crop
     from dforce.data import to_float
+    from dforce.latents import LatentSpace, latents_within
     from dforce.rollout import chunk_schedule, rollout
     from dforce.sampler import SAMPLERS
     from dforce.scheduling import SCHEDULING_OPTIONS
+    from dforce.vae import load_decoder
     from dforce.video import read_clip, side_by_side, to_uint8, write_video
 
     if not args.out.endswith(".mp4"):
@@ -136,18 +139,28 @@ def sample(args: argparse.Namespace) -> None:
     _, window = chunk_schedule(model, noise.levels, **schedule_args)
 
     channels, *size = model.frame_shape
+    space = LatentSpace.of_model(args.model)
+    decoder = None if space is None else load_decoder(space, device, args.vae)
+    scale = 1 if space is None else space.spatial_compression  # pixels per model pixel
     fps, real = args.fps, None
     context = torch.zeros(1, 0, channels, *size)  # [B, T0, C, H, W]
     if args.context is not None:
         clip, clip_fps = read_clip(args.context, args.context_index)
-        real = to_float(resize_crop(clip, size))  # [T, C, H, W] in [-1, 1]
+        real = to_float(resize_crop(clip, [side * scale for side in size]))  # [P, C, H, W] in [-1, 1]
+        available = len(real) if space is None else latents_within(space, len(real))
         known = args.context_frames
         if known is None:
             block = model.frames_per_block
-            known = min(len(real), window) // block * block
-        if known > len(real):
-            raise ValueError(f"--context-frames {known}: {args.context} has only {len(real)} frames")
-        context = real[None, :known]
+            known = min(available, window) // block * block
+        if known > available:
+            raise ValueError(
+                f"--context-frames {known}: {args.context} has only {len(real)} frames"
+                + ("" if space is None else f", {available} latent frames")
+            )
+        if decoder is None:
+            context = real[None, :known]
+        elif known:  # the VAE encodes the pixel frames that `known` latents stand for
+            context = decoder.encode(real[: space.pixel_frames(known)].to(device))[None]
         fps = fps or clip_fps
     elif args.context_frames:
         raise ValueError("--context-frames needs --context")
@@ -171,8 +184,12 @@ def sample(args: argparse.Namespace) -> None:
         generator=torch.Generator(device).manual_seed(args.seed),
         progress=True,
     )[0]  # [T0 + frames, C, H, W]
+    if decoder is not None:
+        video = decoder(video)  # [P, C, H', W'] pixels
     written = write_video(args.out, to_uint8(video), fps, args.scale)
-    if real is not None and len(real) > context.shape[1]:
+    given = context.shape[1]  # model frames of context, and the pixel frames they stand for:
+    shown = given if space is None or not given else space.pixel_frames(given)
+    if real is not None and len(real) > shown:
         pair = side_by_side(video.cpu(), real)
         written += write_video(
             args.out.removesuffix(".mp4") + "_vs_real.mp4", to_uint8(pair), fps, args.scale
@@ -187,19 +204,23 @@ def evaluate(args: argparse.Namespace) -> None:
 
     from dforce.backbone import load_model
     from dforce.evaluate import EvalSettings, evaluate, read_clips, write_report
+    from dforce.latents import LatentSpace
     from dforce.sampler import SAMPLERS
     from dforce.scheduling import SCHEDULING_OPTIONS
+    from dforce.vae import load_decoder
 
     check_choice("--schedule", args.scheduling, SCHEDULING_OPTIONS)  # before the model and clips are read
     check_choice("--sampler", args.sampler, SAMPLERS)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, noise = load_model(args.model)
     model.to(device)
-    size = list(model.frame_shape[1:])
-    clips = read_clips(args.data, args.clips, args.context_frames + args.frames, size)
+    space = LatentSpace.of_model(args.model)
+    decoder = None if space is None else load_decoder(space, device, args.vae)
+    size = list(model.frame_shape[1:]) if space is None else None  # latents keep their encoded size
+    clips = read_clips(args.data, args.clips, args.context_frames + args.frames, size, decoder)
     fields = [f.name for f in dataclasses.fields(EvalSettings)]
     settings = EvalSettings(**{key: getattr(args, key) for key in fields})
-    result = evaluate(model, noise, clips, settings)
+    result = evaluate(model, noise, clips, settings, decoder)
     out = Path(args.out) if args.out else Path(args.model).parent / "eval"
     written = write_report(result, out, title=f"{args.model} on {args.data}, {args.scheduling}")
     summary = {**result["summary"], "frames_per_s": result["frames_per_s"]}

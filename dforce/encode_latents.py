@@ -4,7 +4,8 @@ Each output sample keeps the key and json record of its video and holds `latent.
 `[T', c, h, w]`, the posterior's mode, unscaled. The record's `latent` entry is the `LatentSpace`
 (`dforce.latents`: the VAE, its compressions and normalisation, which the loader applies) with
 `pixel_frames` and `latent_frames`. With temporal compression, per-frame `actions` and `states` no longer
-line up with latent frames and are dropped.
+line up with latent frames: they move to the record's `pixel_fields` (per pixel frame, which `dforce eval`
+scores decoded frames against) and do not reach training batches.
 
 The first sample that decodes fixes what is checked before anything is encoded or written: a length a
 causal VAE cannot encode exactly (Wan: 1 + 4k frames) or a size it does not divide is an error naming
@@ -94,8 +95,11 @@ def encode_latents(
             except ValueError as reason:
                 summary.skipped.append((f"{sample['__url__']}#{sample['__key__']}", str(reason)))
                 continue
-            if space.temporal_compression != 1:
+            if space.temporal_compression != 1:  # kept per pixel frame, for scoring decoded frames
+                pixel = {k: record[k] for k in FRAME_FIELDS if k in record}
                 record = {k: v for k, v in record.items() if k not in FRAME_FIELDS}
+                if pixel:
+                    record["pixel_fields"] = pixel
             record["latent"] = {**info, "pixel_frames": len(pixels), "latent_frames": len(latent)}
             buffer = io.BytesIO()
             np.save(buffer, latent.numpy().astype(np.float16), allow_pickle=False)

@@ -28,9 +28,10 @@ import torch
 from torch import Tensor
 
 from dforce.backbone import Backbone
-from dforce.clips import DataConfig, decode_sample
+from dforce.clips import DataConfig, decode_sample, latent_space, resize_crop
 from dforce.data import to_float
-from dforce.decode import SkipSample
+from dforce.decode import VIDEO_EXTENSIONS, SkipSample, decode_video
+from dforce.latents import LatentSpace
 from dforce.likelihood import NLL, elbo, ode_nll
 from dforce.metrics import ball_errors, frame_metrics
 from dforce.noise import NoiseConfig
@@ -38,6 +39,7 @@ from dforce.plots import plot_curves
 from dforce.reading import read_samples
 from dforce.rollout import chunk_schedule, rollout, truncate
 from dforce.trajectory import get_weighting
+from dforce.vae import Decoder
 
 BITS_8BIT = math.log2(127.5)  # from bits per [-1, 1] unit to bits per 0..255 unit
 METRICS = ("mse", "psnr", "ssim", "ball_error", "balls_found")
@@ -52,14 +54,25 @@ LABELS = {
 
 @dataclass
 class Clips:
-    """Held-out clips and what their records say about them."""
+    """Held-out clips and what their records say about them. For a latent model `video` holds the
+    model's latents and `pixels` their decoding (the VAE's reconstruction, which scores compare with),
+    `original` the stored video's frames where the shards kept them (`encode-latents --keep-video`)."""
 
-    video: Tensor  # [N, T, C, H, W] float in [-1, 1]
-    balls: (
-        list[dict[str, Tensor]] | None
-    )  # per clip: states [T, n, 4] in these frames' pixels, colors, radius
+    video: Tensor  # [N, T, C, H, W]: float pixels in [-1, 1], or normalized latents
+    balls: list[dict[str, Tensor]] | None  # per clip: states [P, n, 2] in pixel frames, colors, radius
     labels: Tensor | None = None  # [N]
     actions: Tensor | None = None  # [N, T, A]
+    space: LatentSpace | None = None  # the latents' (None: pixels)
+    pixels: Tensor | None = None  # [N, P, C, H, W] the decoded latents (None: `video` is pixels)
+    original: Tensor | None = None  # [N, P, C, H, W] the stored video, for latents
+
+    def real(self) -> Tensor:
+        """The real frames as pixels [N, P, C, H, W]."""
+        return self.video if self.pixels is None else self.pixels
+
+    def pixel_frames(self, frames: int) -> int:
+        """Pixel frames that the first `frames` model frames stand for."""
+        return frames if self.space is None else self.space.pixel_frames(frames)
 
 
 def _ball_record(record: dict, states: Tensor, shape: tuple[int, int]) -> dict[str, Tensor] | None:
@@ -81,38 +94,61 @@ def _ball_record(record: dict, states: Tensor, shape: tuple[int, int]) -> dict[s
 
 
 def read_clips(
-    shards: str | list[str], count: int, frames: int, size: int | list[int] | None = None
+    shards: str | list[str],
+    count: int,
+    frames: int,
+    size: int | list[int] | None = None,
+    decoder: Decoder | None = None,
 ) -> Clips:
     """The first `count` samples of `shards` in order, each cut to its first `frames` frames, resized to
-    `size` (None keeps the stored size)."""
+    `size` (None keeps the stored size). With a `decoder` the shards hold latents of its space, and the
+    clips carry their decoding (and the stored video, where kept) as pixels."""
+    space = None if decoder is None else decoder.space
     config = DataConfig(shards=shards, clip_frames=frames, clip_start=0, size=size, shuffle=False)
     rng = np.random.default_rng(0)  # unused: clips start at frame 0 and are centre-cropped
-    videos, balls, labels, actions = [], [], [], []
+    videos, balls, labels, actions, originals = [], [], [], [], []
     for sample in read_samples(shards):
         if len(videos) == count:
             break
+        where = f"{sample.get('__url__', shards)}: sample {sample['__key__']}"
         try:
             clip = decode_sample(sample, config, rng)
+            record = json.loads(sample["json"]) if "json" in sample else {}
         except SkipSample as error:
-            raise ValueError(
-                f"{sample.get('__url__', shards)}: sample {sample['__key__']}: {error}"
-            ) from None
-        if clip["latent"]:
-            raise ValueError(f"{shards}: sample {sample['__key__']} holds latents; dforce eval scores pixels")
-        video = to_float(clip["video"])  # [T, C, H, W]
+            raise ValueError(f"{where}: {error}") from None
+        if clip["latent"] != (space is not None):
+            kind = "latents; dforce eval scores them through the model's VAE" if clip["latent"] else "a video"
+            raise ValueError(f"{where} holds {kind}, the model is a {'latent' if space else 'pixel'} model")
+        if space is not None and (difference := space.mismatch(latent_space(record))):
+            raise ValueError(f"{where}: latents of another VAE than the model's: {difference}")
+        video = clip["video"] if space else to_float(clip["video"])  # [T, C, H, W]
+        pixels = video if decoder is None else decoder(video)  # [P, C, H, W]
         videos.append(video)
-        record = json.loads(sample["json"]) if "json" in sample else {}
-        has_balls = "states" in clip and video.shape[1] == 3
-        balls.append(_ball_record(record, clip["states"], tuple(video.shape[-2:])) if has_balls else None)
+        if space is not None:
+            field = next((ext for ext in VIDEO_EXTENSIONS if ext in sample), None)
+            stored = decode_video(sample[field])[: len(pixels)] if field else None
+            if stored is not None and len(stored) == len(pixels):
+                originals.append(to_float(resize_crop(stored, list(pixels.shape[-2:]))))
+            record = {**record, **record.get("pixel_fields", {})}  # per pixel frame, as encoded
+        states = record.get("states")
+        if states is not None and pixels.shape[1] == 3:
+            states = torch.tensor(states, dtype=torch.float64)[: len(pixels)]
+            balls.append(_ball_record(record, states, tuple(pixels.shape[-2:])))
+        else:
+            balls.append(None)
         labels.append(clip.get("label"))
         actions.append(clip.get("actions"))
     if len(videos) < count:
         raise ValueError(f"{shards}: {len(videos)} samples, fewer than the {count} clips asked for")
+    video = torch.stack(videos)
     return Clips(
-        video=torch.stack(videos),
+        video=video,
         balls=balls if all(b is not None for b in balls) else None,
         labels=torch.stack(labels) if all(x is not None for x in labels) else None,
         actions=torch.stack(actions) if all(x is not None for x in actions) else None,
+        space=space,
+        pixels=None if decoder is None else torch.stack([decoder(v) for v in video]),
+        original=torch.stack(originals) if space is not None and len(originals) == count else None,
     )
 
 
@@ -175,8 +211,9 @@ def score_frames(
 
 
 def copy_last_frame(clips: Clips, context_frames: int) -> dict[str, Tensor]:
-    """The scores of the simplest forecast, the last context frame held still: a baseline [N, F] each."""
-    video, known = clips.video, context_frames
+    """The scores of the simplest forecast, the last context frame held still: a baseline [N, F] each
+    (in pixel frames, F after the context's)."""
+    video, known = clips.real(), clips.pixel_frames(context_frames)
     still = video[:, known - 1 : known].expand(-1, video.shape[1] - known, -1, -1, -1)
     return score_frames(still, video[:, known:], clips.balls, known)
 
@@ -195,15 +232,21 @@ def summarise(scores: dict[str, Tensor], index: list[int], horizon: int) -> tupl
 
 
 def rollout_scores(
-    model: Backbone, noise: NoiseConfig, clips: Clips, settings: EvalSettings
+    model: Backbone,
+    noise: NoiseConfig,
+    clips: Clips,
+    settings: EvalSettings,
+    decoder: Decoder | None = None,
 ) -> tuple[dict[str, Tensor], float]:
-    """Per clip and generated frame, float64 [N, T - context_frames] each: `mse`, `psnr`, `ssim`, and with
-    balls `ball_error` (nan where none is found) and `balls_found` (1.0 if all are); and the frames
-    generated per second (wall time of the rollouts alone, batches of `batch_size` clips)."""
+    """Per clip and generated pixel frame, float64 [N, P - context's pixel frames] each: `mse`, `psnr`,
+    `ssim`, and with balls `ball_error` (nan where none is found) and `balls_found` (1.0 if all are); for a
+    latent model (`decoder`) against the decoded real latents, and as `*_vs_original` against the stored
+    video too where the shards kept it. And the model frames generated per second (wall time of the
+    rollouts alone, batches of `batch_size` clips)."""
     device, known = model.device, settings.context_frames
     if not 0 <= known < clips.video.shape[1]:
         raise ValueError(f"context_frames must be in 0..{clips.video.shape[1] - 1}, got {known}")
-    schedule = noise.build()
+    schedule, first = noise.build(), clips.pixel_frames(known)
     generator = torch.Generator(device).manual_seed(settings.seed)
     scores: dict[str, list[Tensor]] = {}
     seconds = 0.0
@@ -223,9 +266,15 @@ def rollout_scores(
             actions=None if actions is None else actions.to(device),
             generator=generator,
             **settings.schedule_options(),
-        )[:, known:].cpu()  # [B, T - known, C, H, W]; the copy waits for the device
+        ).cpu()  # [B, T, C, H, W], the context included; the copy waits for the device
         seconds += time.perf_counter() - start
-        batch = score_frames(fake, real[:, known:], None if clips.balls is None else clips.balls[part], known)
+        if decoder is not None:
+            fake = torch.stack([decoder(clip) for clip in fake])  # [B, P, C, H, W] pixels
+        balls = None if clips.balls is None else clips.balls[part]
+        batch = score_frames(fake[:, first:], clips.real()[part, first:], balls, first)
+        if clips.original is not None:
+            versus = frame_metrics(fake[:, first:], clips.original[part, first:])
+            batch |= {f"{name}_vs_original": value for name, value in versus.items()}
         for name, value in batch.items():
             scores.setdefault(name, []).append(value)
     generated = clips.video.shape[0] * (clips.video.shape[1] - known)
@@ -293,15 +342,19 @@ def likelihoods(model: Backbone, noise: NoiseConfig, clips: Clips, settings: Eva
     }
 
 
-def evaluate(model: Backbone, noise: NoiseConfig, clips: Clips, settings: EvalSettings) -> dict:
-    """Scores per frame index and their summary: a JSON-ready dict."""
-    scores, frames_per_s = rollout_scores(model, noise, clips, settings)
-    horizon, known = model.horizon, settings.context_frames
-    frames, summary = summarise(scores, list(range(known, clips.video.shape[1])), horizon)
+def evaluate(
+    model: Backbone, noise: NoiseConfig, clips: Clips, settings: EvalSettings, decoder: Decoder | None = None
+) -> dict:
+    """Scores per pixel frame index and their summary: a JSON-ready dict. A latent model's likelihoods are
+    of its latents, in bits per latent dimension."""
+    scores, frames_per_s = rollout_scores(model, noise, clips, settings, decoder)
+    horizon, first = clips.pixel_frames(model.horizon), clips.pixel_frames(settings.context_frames)
+    frames, summary = summarise(scores, list(range(first, clips.real().shape[1])), horizon)
     if settings.elbo_draws or settings.ode_steps:
+        unit, offset = ("bits_per_dim", BITS_8BIT) if clips.space is None else ("bits_per_latent_dim", 0.0)
         for name, nll in likelihoods(model, noise, clips, settings).items():
-            bits, sem = nll.bits_per_dim(offset=BITS_8BIT)
-            summary[f"{name}_bits_per_dim"], summary[f"{name}_sem"] = bits, sem
+            bits, sem = nll.bits_per_dim(offset=offset)
+            summary[f"{name}_{unit}"], summary[f"{name}_sem"] = bits, sem
     return {
         "horizon": horizon,
         "clips": len(clips.video),

@@ -12,8 +12,11 @@ import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+
+MODEL_FILE = "vae.json"  # beside a latent model's weights
 
 # The fields that say whether two spaces hold interchangeable latents (not where the VAE was loaded from).
 _SAME = (
@@ -151,6 +154,23 @@ class LatentSpace:
             raise ValueError(f"the latent space lacks {', '.join(missing)}")
         return cls(**{name: data[name] for name in names})
 
+    def save(self, directory: str | Path) -> Path:
+        """`vae.json` in a model directory: what its latents mean, and where the VAE that decodes them is."""
+        path = Path(directory) / MODEL_FILE
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def of_model(cls, directory: str | Path) -> LatentSpace | None:
+        """The space of a model directory's latents (its `vae.json`), or None for a pixel model."""
+        path = Path(directory) / MODEL_FILE
+        if not path.is_file():
+            return None
+        try:
+            return cls.from_dict(json.loads(path.read_text()))
+        except (ValueError, TypeError) as error:
+            raise ValueError(f"{path}: {error}") from None
+
     def mismatch(self, other: LatentSpace) -> str | None:
         """What makes `other`'s latents differ from these (None if nothing: the folder may differ)."""
         differences = [
@@ -159,3 +179,11 @@ class LatentSpace:
             if getattr(self, name) != getattr(other, name)
         ]
         return "; ".join(differences) or None
+
+
+def latents_within(space: LatentSpace, pixel_frames: int) -> int:
+    """The most latent frames whose pixel frames fit in `pixel_frames` (0 if none do)."""
+    n = 0
+    while space.pixel_frames(n + 1) <= pixel_frames:
+        n += 1
+    return n

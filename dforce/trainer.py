@@ -23,12 +23,14 @@ from tqdm.auto import tqdm
 
 from dforce.checkpoint import CHECKPOINTS, MODEL, export_model, resume, save_checkpoint
 from dforce.config import PRECISIONS, Config, ConfigError
-from dforce.data import make_loader, to_float
+from dforce.data import make_loader, probe_shards, to_float
 from dforce.ema import EMA, ema_weights
 from dforce.engine import TrainState
+from dforce.latents import LatentSpace
 from dforce.run_record import Start, move_aside, record_start
 from dforce.trackers import start_trackers
-from dforce.validation import held_out_clips, validate
+from dforce.vae import load_decoder
+from dforce.validation import held_out_clips, held_out_data, validate
 
 
 class Objective(Protocol):
@@ -89,8 +91,8 @@ def mixed_precision(configured: str | None, environ: Mapping[str, str]) -> tuple
 class Trainer:
     """The Accelerator and the counters of one run; `fit` runs an objective to its last step."""
 
-    def __init__(self, config: Config, start: Start) -> None:
-        self.config, self.given, self.start = config, config, start
+    def __init__(self, config: Config, start: Start, space: LatentSpace | None = None) -> None:
+        self.config, self.given, self.start, self.space = config, config, start, space
         self.output = Path(config.output_dir)
         self.accelerator = make_accelerator(config)
         self.device = self.accelerator.device
@@ -110,6 +112,11 @@ class Trainer:
         ema = begin(accelerator, objective.model, self.given, config, self.start, state)
 
         clips = held_out_clips(config, accelerator) if val.shards else None
+        decoder = (
+            None  # latents -> pixels for the rollouts, with the VAE loaded now: a missing one fails here
+        )
+        if clips is not None and self.space is not None:
+            decoder = load_decoder(self.space, self.device)
         batches = self.batches(objective.batches_read(state.step))
         start_trackers(accelerator, config)
         progress = tqdm(
@@ -135,7 +142,7 @@ class Trainer:
                 progress.set_postfix(loss=f"{next(iter(logs.values())):.4f}", refresh=False)
             if val.shards and (state.step % val.every == 0 or last):
                 with ema_weights(ema, objective.model):
-                    logs = validate(config, objective.model, accelerator, state.step, clips)
+                    logs = validate(config, objective.model, accelerator, state.step, clips, decoder)
                 accelerator.log(logs, step=state.step)
                 accelerator.print(
                     f"step {state.step}: " + ", ".join(f"{k[4:]} {v:.4g}" for k, v in logs.items())
@@ -148,7 +155,7 @@ class Trainer:
                         f"{logs['val/copy_last_frame_mse']:.4f}"
                     )
             if state.step % cfg.checkpoint_every == 0 or last:  # export first: a kill between redoes both
-                export_model(accelerator, objective.model, ema, config.noise, self.output / MODEL)
+                export_model(accelerator, objective.model, ema, config.noise, self.output / MODEL, self.space)
                 save_checkpoint(accelerator, self.output / CHECKPOINTS, state.step, cfg.keep_checkpoints)
         progress.close()
         accelerator.end_training()
@@ -166,6 +173,25 @@ class Trainer:
                 if key in batch:
                     out[key] = batch[key].to(self.device)
             yield out
+
+
+def data_space(config: Config) -> LatentSpace | None:
+    """The latent space of the run's shards (None for videos), read from their first samples before
+    anything is built; the held-out shards must hold the same kind, of the same VAE."""
+    spaces = {}
+    for key, data in (("data.shards", config.data), ("validation.shards", held_out_data(config))):
+        if key == "data.shards" or config.validation.shards:
+            try:
+                spaces[key] = probe_shards(data)
+            except ValueError as error:
+                raise ConfigError(f"{key}: {error}") from None
+    space, held = spaces["data.shards"], spaces.get("validation.shards", spaces["data.shards"])
+    if (space is None) != (held is None):
+        kinds = ("videos", "latents") if space is None else ("latents", "videos")
+        raise ConfigError(f"validation.shards: data.shards hold {kinds[0]}, the held-out shards {kinds[1]}")
+    if space is not None and (difference := space.mismatch(held)):
+        raise ConfigError(f"validation.shards: latents of another VAE than data.shards': {difference}")
+    return space
 
 
 def begin(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import diffusers
@@ -173,3 +174,39 @@ def decode(vae: nn.Module, space: LatentSpace, latents: torch.Tensor, chunk_fram
             f"{space.vae_class} decoded {len(latents)} latents to {len(video)} frames, not {expected}"
         )
     return video.clamp(-1, 1)
+
+
+@dataclass
+class Decoder:
+    """Latents of one space -> pixels, for everything people look at (rollouts, samples, scores)."""
+
+    vae: nn.Module
+    space: LatentSpace
+    chunk_frames: int = 16
+
+    def __call__(self, latents: torch.Tensor) -> torch.Tensor:
+        """Normalized latents [T', c, h, w] -> frames [T, C, H, W] in [-1, 1]."""
+        return decode(self.vae, self.space, latents, self.chunk_frames)
+
+    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Frames [T, C, H, W] in [-1, 1] -> normalized latents [T', c, h, w], as the loader gives them."""
+        return self.space.normalize(encode(self.vae, self.space, pixels))
+
+
+def load_decoder(
+    space: LatentSpace, device: str | torch.device = "cpu", folder: str | Path | None = None
+) -> Decoder:
+    """The VAE that decodes `space`'s latents: from `folder` (default: where `space` says it was loaded
+    from, with its subfolder), refused if it is not the same autoencoder."""
+    where = Path(folder) if folder is not None else Path(space.path)
+    subfolder = space.subfolder if folder is None or (where / (space.subfolder or "")).is_dir() else None
+    try:
+        vae, found = load_vae(where, subfolder, device)
+    except ValueError as error:
+        raise ValueError(
+            f"the latents' VAE ({space.vae_class}) is not where it was looked for: {error}; pass its folder "
+            "(--vae DIR)"
+        ) from None
+    if difference := space.mismatch(found):
+        raise ValueError(f"{where}: not the VAE of these latents: {difference}")
+    return Decoder(vae, space)

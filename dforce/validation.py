@@ -5,6 +5,7 @@ past the horizon beside the real clips; the same clips and seeds at every valida
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -30,11 +31,17 @@ def held_out_data(config: Config) -> DataConfig:
 
 @torch.no_grad()
 def validate(
-    config: Config, model: torch.nn.Module, accelerator: Accelerator, step: int, clips: dict | None
+    config: Config,
+    model: torch.nn.Module,
+    accelerator: Accelerator,
+    step: int,
+    clips: dict | None,
+    decoder: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """Held-out loss per weighting and next-frame error (sampled, and the one-step posterior mean) next to
-    copying the last frame, on the same clips and seeds every time; the main process also writes
-    rollouts beside the real clips."""
+    copying the last frame, on the same clips and seeds every time (in the model's space: latents for a
+    latent model); the main process also writes rollouts beside the real clips, as pixels through
+    `decoder` (latents [T', c, h, w] -> frames [T, C, H, W]) for a latent model."""
     val, device = config.validation, accelerator.device
     data = held_out_data(config)
     net = accelerator.unwrap_model(model).eval()
@@ -84,7 +91,7 @@ def validate(
         for key, value in sums.items()
     }
     if clips is not None:
-        write_rollouts(config, net, schedule, clips, step, accelerator)
+        write_rollouts(config, net, schedule, clips, step, accelerator, decoder)
     net.train()
     return logs
 
@@ -121,9 +128,10 @@ def write_rollouts(
     batch: dict,
     step: int,
     accelerator: Accelerator,
+    decoder: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> Path:
     """Roll out from held-out clips past the horizon; real frames on the right (written by the main
-    process)."""
+    process). Latents are decoded first: the real side is then the VAE's reconstruction."""
     val = config.validation
     real = to_float(batch["video"].to(accelerator.device))  # [N, T, C, H, W]
     fake = rollout(
@@ -139,6 +147,8 @@ def write_rollouts(
         actions=batch["actions"].to(accelerator.device) if "actions" in batch else None,
         generator=torch.Generator(accelerator.device).manual_seed(config.seed),
     )
+    if decoder is not None:
+        fake, real = ([decoder(clip) for clip in clips] for clips in (fake, real))  # [T, C, H, W] pixels
     grid = torch.cat([side_by_side(f, r) for f, r in zip(fake, real, strict=True)], dim=-2)  # [T, C, N*H, 2W]
     out = Path(config.output_dir) / "samples" / f"step_{step:08d}.mp4"
     if accelerator.is_main_process:

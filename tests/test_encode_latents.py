@@ -73,6 +73,7 @@ def test_causal_latents_count_frames_and_start_at_latent_0(wan):
     assert record["latent"]["pixel_frames"] == 9 and record["latent"]["latent_frames"] == 3
     assert record["latent"]["vae_class"] == "AutoencoderKLWan" and record["latent"]["subfolder"] == "vae"
     assert "actions" not in record and record["label"] == 0  # per-frame rows no longer match the latents
+    assert len(record["pixel_fields"]["actions"]) == 9  # but are kept per pixel frame, for scoring
     assert samples[0]["mp4"] == sources[samples[0]["__key__"]]["mp4"]  # --keep-video
     latent = np.load(io.BytesIO(samples[0]["latent.npy"]), allow_pickle=False)
     assert latent.shape == (3, 4, 2, 8) and latent.dtype == np.float16

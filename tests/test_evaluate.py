@@ -168,19 +168,19 @@ def test_cli_names_a_missing_model(shards, tmp_path):
     [
         (
             ["sample", "--frames", "3", "--out", "a.mp4", "--sampler", "foo"],
-            "--sampler foo: unknown; choose from ddim",
+            "--sampler: unknown sampler 'foo'; choose from ddim",
         ),
         (
             ["sample", "--frames", "3", "--out", "a.mp4", "--schedule", "foo"],
-            "--schedule foo: unknown; choose",
+            "--schedule: unknown schedule 'foo'; choose",
         ),
         (
             ["eval", "--data", "x.tar", "--sampler", "foo"],
-            "--sampler foo: unknown; choose from ddim, ddpm, euler",
+            "--sampler: unknown sampler 'foo'; choose from ddim, ddpm, euler",
         ),
         (
             ["eval", "--data", "x.tar", "--schedule", "foo"],
-            "--schedule foo: unknown; choose from autoregressive",
+            "--schedule: unknown schedule 'foo'; choose from autoregressive",
         ),
     ],
 )

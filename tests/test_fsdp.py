@@ -48,7 +48,7 @@ out = Path(sys.argv.pop(1))
 export_model = train.export_model
 
 
-def spy_export(accelerator, model, ema, config, directory):
+def spy_export(accelerator, model, ema, config, directory, *rest):
     params, shadows = list(model.parameters()), ema.shadow_params
     record = {
         "type": str(accelerator.distributed_type),
@@ -58,7 +58,7 @@ def spy_export(accelerator, model, ema, config, directory):
     }
     with open(out / f"exports_{accelerator.process_index}.jsonl", "a") as f:
         f.write(json.dumps(record) + "\\n")
-    export_model(accelerator, model, ema, config, directory)
+    export_model(accelerator, model, ema, config, directory, *rest)
 
 
 train.export_model = spy_export

@@ -265,10 +265,10 @@ def spy_plan(seed, *args):
     return plan
 
 
-def spy_export(accelerator, model, ema, config, directory):
+def spy_export(accelerator, model, ema, config, directory, *rest):
     state = {k: v.contiguous() for k, v in accelerator.unwrap_model(model).state_dict().items()}
     save_file(state, out / f"weights_{accelerator.process_index}.safetensors")
-    export_model(accelerator, model, ema, config, directory)
+    export_model(accelerator, model, ema, config, directory, *rest)
 
 
 sf.plan_rollout, trainer.export_model = spy_plan, spy_export

@@ -264,10 +264,10 @@ def spy_batches(config, rank, world, consumed):
         yield batch
 
 
-def spy_export(accelerator, model, ema, config, directory):
+def spy_export(accelerator, model, ema, config, directory, *rest):
     state = {k: v.contiguous() for k, v in accelerator.unwrap_model(model).state_dict().items()}
     save_file(state, out / f"weights_{accelerator.process_index}.safetensors")
-    export_model(accelerator, model, ema, config, directory)
+    export_model(accelerator, model, ema, config, directory, *rest)
 
 
 train.clip_batches, train.export_model = spy_batches, spy_export

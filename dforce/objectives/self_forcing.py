@@ -19,6 +19,7 @@ import torch
 from dforce.backbone import load_model
 from dforce.config import Config, ConfigError
 from dforce.engine import Meter, make_optimizer, optimizer_step, step_seed, trainable
+from dforce.latents import LatentSpace
 from dforce.objectives.dmd import PLAN, SelfForcing, plan_rollout
 from dforce.objectives.ode_init import ode_regression
 
@@ -36,6 +37,17 @@ class SelfForcingObjective:
         if config.model:
             raise ConfigError(
                 "model: self-forcing takes the teacher's architecture; remove the model section"
+            )
+        teacher_space = LatentSpace.of_model(sf.teacher)
+        if (teacher_space is None) != (trainer.space is None) or (
+            teacher_space is not None and teacher_space.mismatch(trainer.space)
+        ):
+            kinds = [
+                "videos" if s is None else f"latents of {s.vae_class} {s.config_hash[:12]}"
+                for s in (teacher_space, trainer.space)
+            ]
+            raise ConfigError(
+                f"self_forcing.teacher: {sf.teacher} was trained on {kinds[0]}, data.shards hold {kinds[1]}"
             )
         teacher, noise = load_model(sf.teacher)
         self.config = config = dataclasses.replace(config, noise=noise)  # exported with the generator
