@@ -249,8 +249,8 @@ def ablate(
     _write_csv(root / "results.csv", rows)
     _write_csv(root / "frames.csv", frame_rows)
     _write_csv(root / "loss_by_level.csv", loss_rows)
-    horizon = base.data.clip_frames
-    index = list(range(val.context_frames, eval_clips.video.shape[1]))
+    horizon = eval_clips.pixel_frames(base.data.clip_frames)  # scores are of pixel frames
+    index = list(range(eval_clips.pixel_frames(val.context_frames), eval_clips.real().shape[1]))
     _, baseline = summarise(copy_last_frame(eval_clips, val.context_frames), index, horizon)
     table = markdown_table(rows, weightings, schedules, baseline)
     header = (

@@ -5,6 +5,7 @@ and each bad input's error."""
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 from pathlib import Path
@@ -14,6 +15,7 @@ import pytest
 from conftest import reset_accelerate
 from test_vae import save, tiny_kl, tiny_wan
 
+from dforce.ablate import ablate
 from dforce.cli import main
 from dforce.config import ConfigError, load_config
 from dforce.latents import LatentSpace
@@ -149,3 +151,18 @@ def test_bad_inputs_are_named(run, tmp_path):
         )
     with pytest.raises(ConfigError, match=r"validation\.shards: latents of another VAE than data\.shards'"):
         train(load_config(run.config, [f"validation.shards={foreign}/train-000000.tar"]))
+
+
+def test_ablate_scores_latent_runs(run, tmp_path):
+    root = ablate(
+        run.config,
+        ["paths"],
+        1,
+        schedules=["autoregressive"],
+        clips=2,
+        elbo_draws=0,
+        out=tmp_path,
+        progress=False,
+    )
+    (row,) = list(csv.DictReader((root / "results.csv").open()))
+    assert row["weighting"] == "paths" and float(row["mse_past_horizon"]) >= 0
