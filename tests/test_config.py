@@ -1,5 +1,6 @@
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -141,3 +142,10 @@ def test_missing_keys_and_files(tmp_path, path):
     path.write_text("train: [1, 2\n")
     with pytest.raises(ConfigError, match=r"run\.yaml: not valid YAML"):
         load_config(path)
+
+
+@pytest.mark.parametrize(
+    "name", sorted(p.name for p in (Path(__file__).parents[1] / "configs").glob("*.yaml"))
+)
+def test_shipped_configs_load(name):
+    load_config(Path(__file__).parents[1] / "configs" / name)
