@@ -1,5 +1,6 @@
 import importlib.util
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -114,3 +115,38 @@ def test_rollout_benchmark_times_cached_and_recomputed_frames():
     assert [f["horizon"] for f in figures[6:]] == [7] * 6
     assert all(f["value"] > 0 and f["batch"] == 1 and f["steps"] == 1 for f in figures)
     assert figures[2]["value"] == figures[1]["value"] / figures[0]["value"]
+
+
+def test_vae_benchmark_encodes_decodes_and_measures_memory_per_length():
+    options = ["--size", "16", "--clips", "2", "--frames", "5", "--lengths", "2", "3", "--repeat", "1"]
+    figures = [json.loads(line) for line in bench("vae", *options, "--threads", "1", "--json").splitlines()]
+    for kind, lengths in ("kl", [(2, 2), (3, 3)]), ("wan", [(2, 5), (3, 9)]):  # (latents, pixel frames)
+        mine = {f["figure"]: f for f in figures if f["kind"] == kind}
+        assert list(mine)[:6] == [
+            "encode pipeline clips/s",
+            "encode VAE alone clips/s",
+            "encode pipeline / VAE alone",
+            "decode dforce ms/frame",
+            "decode direct ms/frame",
+            "decode dforce / direct",
+        ]
+        assert all(mine[f"encode {name} clips/s"]["value"] > 0 for name in ("pipeline", "VAE alone"))
+        encoded = mine["encode VAE alone clips/s"]["value"] / mine["encode pipeline clips/s"]["value"]
+        assert math.isclose(mine["encode pipeline / VAE alone"]["value"], encoded)
+        assert 0 < mine["decode dforce ms/frame"]["value"] < math.inf
+        assert 0 < mine["decode direct ms/frame"]["value"] < math.inf
+        decoded = mine["decode dforce ms/frame"]["value"] / mine["decode direct ms/frame"]["value"]
+        assert math.isclose(mine["decode dforce / direct"]["value"], decoded)
+        assert mine["encode pipeline clips/s"]["frames"] == 5
+        assert mine["decode dforce / direct"]["frames"] == 10  # the first two clips' latents, decoded
+        memory = [f for f in figures if f["kind"] == kind and f["figure"] == "decode peak above output"]
+        assert [(f["latent_frames"], f["pixel_frames"]) for f in memory] == lengths
+        for f in memory:
+            assert 0 < f["value"] < f["peak MiB"] and f["unit"] == "MiB"
+            assert math.isclose(f["peak MiB"] - f["output MiB"], f["value"])
+            assert math.isclose(f["output MiB"] * 2**20, f["pixel_frames"] * 3 * 16 * 16 * 4)
+        ratio = mine["peak above output, 3 / 2 latents"]["value"]
+        assert math.isfinite(ratio) and math.isclose(ratio, memory[1]["value"] / memory[0]["value"])
+    assert {f["vae"] for f in figures} == {"AutoencoderKL", "AutoencoderKLWan"}
+    assert all({"command", "machine", "torch", "date", "size", "device"} <= f.keys() for f in figures)
+    assert figures[0]["size"] == "16x16" and figures[0]["command"].startswith("tools/bench.py vae --size 16")

@@ -5,6 +5,7 @@
     python tools/bench.py train                    # the training step's useful TFLOP/s vs the yardstick's
     python tools/bench.py memory                   # peak memory of a step, with and without checkpointing
     python tools/bench.py rollout                  # time per generated frame, KV-cached vs recomputed window
+    python tools/bench.py vae                      # encode clips/s, decode ms/frame, decode memory vs length
 
 Each figure carries the command line, the machine, the torch version and the date.
 """
@@ -15,7 +16,9 @@ import argparse
 import dataclasses
 import datetime
 import functools
+import gc
 import importlib.util
+import inspect
 import io
 import json
 import os
@@ -28,15 +31,18 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import decord
+import diffusers
 import numpy as np
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 from dforce.backbone import Backbone
-from dforce.clips import DataConfig
+from dforce.clips import DataConfig, resize_crop
 from dforce.config import Config, TrainConfig, model_kwargs
 from dforce.data import make_loader, to_float
+from dforce.decode import decode_video
 from dforce.ema import EMA
+from dforce.encode_latents import encode_latents
 from dforce.history import History
 from dforce.loss import make_loss
 from dforce.model import CausalVideoTransformer
@@ -49,6 +55,7 @@ from dforce.sampler import Sampler
 from dforce.shards import ShardSink, encode_video
 from dforce.synthetic import bouncing_balls
 from dforce.trainer import Trainer
+from dforce.vae import decode, encode, load_vae
 
 
 def machine() -> str:
@@ -106,6 +113,15 @@ def textured_clip(index: int, frames: int, size: int) -> np.ndarray:
     return np.maximum(balls, background.astype(np.uint8))
 
 
+def write_videos(folder: Path, videos: int, frames: int, size: int, maxcount: int) -> list[str]:
+    """`videos` textured clips as webdataset shards of H.264 4:2:0 mp4s (crf 23, 25 fps) in `folder`."""
+    with ShardSink(folder, maxcount=maxcount) as sink:
+        for i in range(videos):
+            video = encode_video(textured_clip(i, frames, size), 25, crf=23, pix_fmt="yuv420p")
+            sink.write({"__key__": f"{i:06d}", "mp4": video, "json": {"fps": 25}})
+    return sink.shards
+
+
 def best_rates(runs: dict[str, Callable[[], int]], repeat: int) -> dict[str, float]:
     """Clips per CPU second (this process's CPU time, which other load on the machine disturbs less than
     wall time) of the fastest of `repeat` runs of each, interleaved so that drifts hit them alike; the
@@ -125,14 +141,11 @@ def bench_data(args: argparse.Namespace) -> list[dict]:
     figures = []
     with tempfile.TemporaryDirectory() as tmp:
         for size in args.sizes:
-            with ShardSink(Path(tmp) / str(size), maxcount=args.videos // 4 or 1) as sink:
-                for i in range(args.videos):
-                    video = encode_video(
-                        textured_clip(i, args.video_frames, size), 25, crf=23, pix_fmt="yuv420p"
-                    )
-                    sink.write({"__key__": f"{i:06d}", "mp4": video, "json": {"fps": 25}})
-            files = [sample["mp4"] for sample in read_samples(sink.shards)]
-            config = DataConfig(sink.shards, clip_frames=args.frames, num_workers=0)
+            shards = write_videos(
+                Path(tmp) / str(size), args.videos, args.video_frames, size, args.videos // 4 or 1
+            )
+            files = [sample["mp4"] for sample in read_samples(shards)]
+            config = DataConfig(shards, clip_frames=args.frames, num_workers=0)
             configs = {"loader": config, "loader uint8": dataclasses.replace(config, pixels="uint8")}
 
             def plain_decord(files=files) -> int:
@@ -373,8 +386,15 @@ def step_peak_bytes(config: Config, device: torch.device) -> int:
         torch.cuda.reset_peak_memory_stats()
         step(1)
         return torch.cuda.max_memory_allocated() - before
+    return cpu_peak_bytes(lambda: step(1))
+
+
+def cpu_peak_bytes(run: Callable[[], object]) -> int:
+    """Peak bytes allocated on the CPU while `run` runs, above what was live before it: the torch
+    profiler's allocations and frees, summed in time order over the top-level operations (frees outside
+    any operation come as top-level `[memory]` events), so a peak inside one operation is not seen."""
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step(1)
+        run()
     events = sorted((e for e in prof.events() if e.cpu_parent is None), key=lambda e: e.time_range.start)
     live = peak = 0
     for event in events:
@@ -491,6 +511,163 @@ def bench_rollout(args: argparse.Namespace) -> list[dict]:
     return figures
 
 
+# Random VAEs of the two layouts dforce decodes, at the real depths and a quarter (KL) or a sixth (Wan) of
+# the real widths: Stable Diffusion's AutoencoderKL (8x in space, 4 latent channels, an image VAE) and
+# Wan 2.1's AutoencoderKLWan (4x in time, 8x in space, 16 latent channels, causal 3-D convolutions).
+VAE_SHAPES = {
+    "kl": ("AutoencoderKL", dict(
+        down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
+        block_out_channels=[32, 64, 128, 128], layers_per_block=2, latent_channels=4, norm_num_groups=32,
+    )),
+    "wan": ("AutoencoderKLWan", dict(
+        base_dim=16, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2,
+        temperal_downsample=[False, True, True],
+    )),
+}  # fmt: skip
+DECODE_CLIPS = 2  # clips whose latents the decode timings decode
+CHUNK_FRAMES = inspect.signature(decode).parameters["chunk_frames"].default  # an image VAE's, per call
+
+
+def vae_kinds(text: str) -> list[str]:
+    kinds = text.split(",")
+    if unknown := [kind for kind in kinds if kind not in VAE_SHAPES]:
+        raise argparse.ArgumentTypeError(f"unknown kind {', '.join(unknown)}; known: {', '.join(VAE_SHAPES)}")
+    return kinds
+
+
+def save_vae(kind: str, folder: Path) -> Path:
+    """The random VAE of `kind`, written by save_pretrained as a user's VAE folder is."""
+    name, shape = VAE_SHAPES[kind]
+    torch.manual_seed(0)
+    getattr(diffusers, name)(**shape).save_pretrained(folder)
+    return folder
+
+
+def best_seconds(
+    runs: dict[str, Callable[[], object]], repeat: int, clock: Callable[[], float], device: torch.device
+) -> dict[str, float]:
+    """Seconds of the fastest of `repeat` runs of each, in interleaved rounds so that drifts hit them alike
+    (warm-up is the caller's)."""
+    best = dict.fromkeys(runs, float("inf"))
+    for _ in range(repeat):
+        for name, run in runs.items():
+            _sync(device)
+            start = clock()
+            run()
+            _sync(device)
+            best[name] = min(best[name], clock() - start)
+    return best
+
+
+def peak_bytes(run: Callable[[], object], device: torch.device) -> int:
+    """Peak bytes allocated while `run` runs above what was live before: CUDA's allocator peak on a GPU,
+    `cpu_peak_bytes` on a CPU."""
+    gc.collect()
+    if device.type != "cuda":
+        return cpu_peak_bytes(run)
+    _sync(device)
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    run()
+    _sync(device)
+    return torch.cuda.max_memory_allocated() - before
+
+
+def bench_vae(args: argparse.Namespace) -> list[dict]:
+    device, clock, size = _device(), CLOCKS[args.clock], args.size
+    figures = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        shards = write_videos(root / "videos", args.clips, args.frames, size, max(args.clips // 2, 1))
+        warm_shards = write_videos(root / "warm", 1, args.frames, size, maxcount=1)
+        clips = [  # the pixels the pipeline encodes, read and decoded beforehand
+            to_float(resize_crop(decode_video(sample["mp4"]), size)) for sample in read_samples(shards)
+        ]
+        for kind in args.kind:
+            folder = save_vae(kind, root / kind)
+            vae, space = load_vae(folder, device=device)  # as the pipeline loads it
+            common = {"kind": kind, "vae": space.vae_class, "size": f"{size}x{size}", "device": device.type}
+
+            def pipeline(shards: list[str] = shards, folder: Path = folder) -> None:
+                summary = encode_latents(
+                    shards, root / "latents", folder, size=size, device=device, overwrite=True
+                )
+                if summary.skipped:
+                    raise RuntimeError(f"encode_latents skipped clips: {summary.skipped}")
+
+            def alone(vae: torch.nn.Module = vae, space=space) -> None:
+                for pixels in clips:
+                    encode(vae, space, pixels)
+
+            pipeline(warm_shards)  # warm-up: first calls, oneDNN's kernels for these shapes
+            encode(vae, space, clips[0])
+            seconds = best_seconds({"pipeline": pipeline, "alone": alone}, args.repeat, clock, device)
+            encoding = {**common, "frames": args.frames, "clips": args.clips}
+            for name, label in ("pipeline", "encode pipeline clips/s"), ("alone", "encode VAE alone clips/s"):
+                rate = args.clips / seconds[name]
+                figures.append({"figure": label, "value": rate, "unit": "clips/s", **encoding})
+            ratio = seconds["pipeline"] / seconds["alone"]
+            figures.append({"figure": "encode pipeline / VAE alone", "value": ratio, "unit": "x", **encoding})
+
+            latents = [  # normalized, as a model generates them
+                space.normalize(encode(vae, space, pixels)).to(device) for pixels in clips[:DECODE_CLIPS]
+            ]
+            raw = [space.denormalize(z) for z in latents]  # what the VAE's decoder takes
+            raw = [z.permute(1, 0, 2, 3)[None] if space.causal else z for z in raw]  # Wan: [1, c, T', h, w]
+            frames = sum(space.pixel_frames(len(z)) for z in latents)
+
+            def ours(vae: torch.nn.Module = vae, space=space, latents: list = latents) -> None:
+                for z in latents:
+                    decode(vae, space, z)
+
+            @torch.no_grad()
+            def direct(vae: torch.nn.Module = vae, raw: list = raw) -> None:
+                for z in raw:
+                    vae.decode(z)
+
+            ours(latents=latents[:1])  # warm-up
+            direct(raw=raw[:1])
+            seconds = best_seconds({"dforce": ours, "direct": direct}, args.repeat, clock, device)
+            decoding = {**common, "frames": frames}
+            for name in seconds:
+                ms = seconds[name] / frames * 1e3
+                figures.append({"figure": f"decode {name} ms/frame", "value": ms, "unit": "ms", **decoding})
+            ratio = seconds["dforce"] / seconds["direct"]
+            figures.append({"figure": "decode dforce / direct", "value": ratio, "unit": "x", **decoding})
+
+            side = size // space.spatial_compression
+            generator = torch.Generator().manual_seed(0)
+            above = {}
+            for length in args.lengths:
+                z = torch.randn(length, space.channels, side, side, generator=generator).to(device)
+                peak = peak_bytes(lambda vae=vae, space=space, z=z: decode(vae, space, z), device)
+                pixel_frames = space.pixel_frames(length)
+                output = pixel_frames * 3 * size * size * 4  # float32 [T, 3, H, W]
+                above[length] = peak - output
+                figures.append(
+                    {
+                        "figure": "decode peak above output",
+                        "value": above[length] / 2**20,
+                        "unit": "MiB",
+                        **common,
+                        "latent_frames": length,
+                        "pixel_frames": pixel_frames,
+                        "peak MiB": peak / 2**20,
+                        "output MiB": output / 2**20,
+                    }
+                )
+            pairs = [(max(above), min(above))]
+            if not space.causal:  # an image VAE decodes chunks of frames: compare lengths past one chunk
+                past = [length for length in above if length >= CHUNK_FRAMES]
+                if len(past) > 1 and min(past) != min(above):
+                    pairs.append((max(past), min(past)))
+            for longest, shortest in pairs:
+                ratio = above[longest] / above[shortest]
+                figure = f"peak above output, {longest} / {shortest} latents"
+                figures.append({"figure": figure, "value": ratio, "unit": "x", **common})
+    return figures
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -575,11 +752,36 @@ def build_parser() -> argparse.ArgumentParser:
     rollout.add_argument("--measure", type=int, default=2, help="frames timed at each index")
     rollout.add_argument("--repeat", type=int, default=2, help="timed runs; the fastest counts")
     rollout.set_defaults(run=bench_rollout)
-    for command in train, memory, rollout:
+    vae = commands.add_parser(
+        "vae",
+        help="encode clips/s (pipeline vs VAE alone), decode ms/frame (dforce vs direct), decode memory",
+        description="For each --kind, a random VAE (kl: AutoencoderKL at a quarter of Stable Diffusion's "
+        "widths; wan: AutoencoderKLWan at a sixth of Wan 2.1's; real depths, 8x in space) written by "
+        "save_pretrained and loaded by dforce.vae.load_vae. Encode: clips per second of "
+        "dforce.encode_latents.encode_latents (load_vae, tar reading, video decoding, resizing, encoding, "
+        "latent shard writing) over --clips H.264 4:2:0 videos (crf 23) of --frames frames it writes first, "
+        "beside dforce.vae.encode alone on the same clips already decoded to pixels; the ratio of their "
+        "times. Decode: ms per pixel frame of dforce.vae.decode on the latents of the first "
+        f"{DECODE_CLIPS} clips beside the VAE's own decode called on the same latents in one call, and the "
+        "ratio. Memory: peak memory of dforce.vae.decode on random latent clips of each --lengths, minus the "
+        "float32 output (GPU: CUDA's allocator peak; CPU: the profiler's running sum, as `memory` measures), "
+        f"and the ratio longest / shortest (for kl also past one {CHUNK_FRAMES}-frame chunk). Best of "
+        "--repeat timed runs after a warm-up.",
+    )
+    vae.add_argument("--kind", type=vae_kinds, default=["kl", "wan"], help="comma-separated: kl, wan")
+    vae.add_argument("--size", type=int, default=64, help="frame side")
+    vae.add_argument("--clips", type=int, default=8, help="clips encoded per run")
+    vae.add_argument("--frames", type=int, default=17, help="frames per clip (Wan: 1 + 4k)")
+    vae.add_argument(
+        "--lengths", type=int, nargs="+", default=[5, 9, 17, 33], help="latent frames of the memory figures"
+    )
+    vae.add_argument("--repeat", type=int, default=2, help="timed runs; the fastest counts")
+    vae.set_defaults(run=bench_vae)
+    for command in train, memory, rollout, vae:
         command.add_argument(
             "--threads", type=int, default=None, help="torch threads (default: torch's, one per core)"
         )
-    for command in train, rollout:
+    for command in train, rollout, vae:
         command.add_argument(
             "--clock",
             choices=list(CLOCKS),
