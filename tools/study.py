@@ -1,0 +1,221 @@
+"""What makes the demo's model hold together: train variants of `configs/demo.yaml` on this machine and
+score each on held-out clips, against CPU minutes.
+
+    python tools/study.py --out outputs/study                       # every variant, 2 at a time
+    python tools/study.py --out outputs/study --only base,patch4 --steps 1500 --jobs 1
+
+Each variant is a list of dotted overrides of the demo's config, trained with `dforce train` in its own
+process (one thread, so that `--jobs` runs share the cores fairly), into OUT/runs/NAME; rerunning skips
+finished runs and evaluations, and resumes killed ones. Every `--every` steps validation logs the held-out
+next-frame error (sampled in 10 steps, and the one-step posterior mean) beside copying the last frame;
+after training `dforce eval` rolls 32 held-out clips out 8x past the horizon from 4 real frames and finds
+the balls by colour. Written to OUT: results.csv (one row per variant), curves.csv (one row per
+validation), curves.png (error against CPU minutes) and balls.png (balls found by horizon multiple).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from dforce.plots import plot_curves
+
+ROOT = Path(__file__).resolve().parents[1]
+# name -> (what it changes, overrides of configs/demo.yaml)
+VARIANTS: dict[str, tuple[str, list[str]]] = {
+    "base": ("the demo as it is", []),
+    "patch4": ("16 tokens a side instead of 4 (patch 4)", ["model.patch_size=4"]),
+    "size16": (
+        "frames at 16x16, patch 4: the same 4x4 tokens, a ball spans more of a patch",
+        [
+            "data.size=16",
+            "model.sample_size=16",
+            "model.patch_size=4",
+        ],
+    ),
+    "context_noise": (
+        "history seen at levels 0..200 in training, 100 at sampling (DF's stabilisation)",
+        [
+            "loss.context_noise=200",
+            "validation.context_noise=100",
+        ],
+    ),
+    "paths": (
+        "per-frame independent levels along uniform paths instead of the staircase",
+        [
+            "trajectory.name=paths",
+        ],
+    ),
+    "x0": ("x0-prediction instead of v", ["noise.parameterization=x0"]),
+    "lr5e-4": ("a quarter of the learning rate", ["train.lr=5e-4"]),
+    "ema0.999": ("a slower EMA", ["train.ema_decay=0.999"]),
+}
+BANDS = ((0, 1), (1, 2), (2, 4), (4, 8))  # horizon multiples
+
+
+def train(name: str, overrides: list[str], out: Path, data: Path, steps: int, every: int) -> float:
+    """`dforce train` of one variant in a child process with one thread; -> the CPU seconds of this call
+    (a resumed run adds to those recorded in RUN/cpu_s.json, a finished one adds its start-up only)."""
+    run = out / "runs" / name
+    args = [
+        *overrides,
+        f"output_dir={run}",
+        f"data.shards={data}/train-*.tar",
+        f"validation.shards={data}/val-*.tar",
+        f"train.max_steps={steps}",
+        f"train.checkpoint_every={every}",
+        f"validation.every={every}",
+        "data.num_workers=0",
+        "train.trackers=[tensorboard]",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "dforce", "train", str(ROOT / "configs/demo.yaml"), *args]
+    with (out / "logs" / f"{name}.log").open("a") as log:
+        child = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(child.pid, 0)  # this child's own CPU time, whatever else runs
+    if os.waitstatus_to_exitcode(status):
+        raise SystemExit(f"study: training {name} failed; see {out / 'logs' / name}.log")
+    cpu_s = usage.ru_utime + usage.ru_stime
+    stamp = run / "cpu_s.json"
+    total = cpu_s + (json.loads(stamp.read_text())["cpu_s"] if stamp.exists() else 0.0)
+    stamp.write_text(json.dumps({"cpu_s": total}) + "\n")
+    return cpu_s
+
+
+def evaluate(name: str, out: Path, data: Path, clips: int) -> dict:
+    """`dforce eval` of the variant's model, 8x past its horizon; cached in its eval folder."""
+    run, target = out / "runs" / name, out / "runs" / name / "eval"
+    if not (target / "metrics.json").exists():
+        horizon = json.loads((run / "model" / "config.json").read_text())["num_frames"]
+        command = [
+            sys.executable, "-m", "dforce", "eval", "--model", str(run / "model"), "--data",
+            f"{data}/val-*.tar", "--clips", str(clips), "--context-frames", "4",
+            "--frames", str(8 * horizon - 4), "--steps", "10", "--elbo-draws", "0", "--out", str(target),
+        ]  # fmt: skip
+        subprocess.run(command, check=True, capture_output=True, text=True)
+    return json.loads((target / "metrics.json").read_text())
+
+
+def balls_by_band(result: dict) -> dict[str, float]:
+    """The share of generated frames with every ball found, per horizon-multiple band."""
+    frames, horizon = result["frames"], result["horizon"]
+    shares = {}
+    for low, high in BANDS:
+        found = [
+            f for t, f in zip(frames["index"], frames["balls_found"], strict=True)
+            if low * horizon <= t < high * horizon and not math.isnan(f)
+        ]  # fmt: skip
+        shares[f"balls_found_{low}-{high}x"] = sum(found) / len(found) if found else math.nan
+    return shares
+
+
+def curves(name: str, out: Path, cpu_min_per_step: float) -> list[dict]:
+    """The validation scalars of a run's TensorBoard log, one row per validation step."""
+    rows = {}
+    for events in sorted((out / "runs" / name / "logs").rglob("events.out.tfevents.*")):
+        logged = EventAccumulator(str(events))
+        logged.Reload()
+        tags = [t for t in logged.Tags()["scalars"] if t.startswith("val/")]
+        for tag in tags:
+            for event in logged.Scalars(tag):
+                rows.setdefault(event.step, {"variant": name, "step": event.step})[tag[4:]] = event.value
+    for row in rows.values():
+        row["cpu_min"] = row["step"] * cpu_min_per_step
+    return [rows[step] for step in sorted(rows)]
+
+
+def study(out: Path, names: list[str], data: Path, steps: int, every: int, jobs: int, clips: int) -> None:
+    (out / "logs").mkdir(parents=True, exist_ok=True)
+    spent = {}
+
+    def run(name: str) -> None:
+        spent[name] = train(name, VARIANTS[name][1], out, data, steps, every)
+        print(f"study: {name} trained ({spent[name] / 60:.1f} CPU minutes this call)", flush=True)
+
+    with ThreadPoolExecutor(jobs) as pool:
+        list(pool.map(run, names))
+    rows, curve_rows = [], []
+    for name in names:
+        result = evaluate(name, out, data, clips)
+        cpu_min = cpu_minutes(out, name)
+        rows.append({
+            "variant": name, "changes": VARIANTS[name][0], "steps": steps, "train_cpu_min": cpu_min,
+            **{k: result["summary"][k] for k in ("mse_in_horizon", "mse_past_horizon")},
+            **balls_by_band(result),
+        })  # fmt: skip
+        curve_rows += curves(name, out, cpu_min / steps if cpu_min else math.nan)
+    write_csv(out / "results.csv", rows)
+    write_csv(out / "curves.csv", curve_rows)
+    metrics = {
+        "sampled next frame (MSE)": "next_frame_mse",
+        "posterior mean next frame (MSE)": "next_frame_mse_1step",
+    }
+    panels = {
+        title: {n: ([r["cpu_min"] for r in curve_rows if r["variant"] == n],
+                    [r.get(key, math.nan) for r in curve_rows if r["variant"] == n], None) for n in names}
+        for title, key in metrics.items()
+    }  # fmt: skip
+    copy = [r.get("copy_last_frame_mse", math.nan) for r in curve_rows if r["variant"] == names[0]]
+    panels["sampled next frame (MSE)"]["copy last frame"] = (
+        [r["cpu_min"] for r in curve_rows if r["variant"] == names[0]], copy, None,
+    )  # fmt: skip
+    plot_curves(panels, out / "curves.png", "training CPU minutes (one thread)")
+    bands = list(range(len(BANDS)))
+    keys = [f"balls_found_{low}-{high}x" for low, high in BANDS]
+    balls = {
+        "frames with every ball found": {r["variant"]: (bands, [r[k] for k in keys], None) for r in rows}
+    }
+    plot_curves(balls, out / "balls.png", "horizon band: 0-1x, 1-2x, 2-4x, 4-8x")
+    print(f"study: {len(names)} variants, {sum(spent.values()) / 60:.1f} CPU minutes this call; wrote {out}")
+
+
+def cpu_minutes(out: Path, name: str) -> float:
+    """Training CPU minutes of a run, all its calls together (RUN/cpu_s.json)."""
+    stamp = out / "runs" / name / "cpu_s.json"
+    return json.loads(stamp.read_text())["cpu_s"] / 60 if stamp.exists() else math.nan
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    fields = list(dict.fromkeys(key for row in rows for key in row))
+    with path.open("w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", default="outputs/study")
+    parser.add_argument(
+        "--data", default="outputs/demo/data", help="the demo's shards (make demo writes them)"
+    )
+    parser.add_argument(
+        "--only", default=",".join(VARIANTS), help=f"comma-separated of {', '.join(VARIANTS)}"
+    )
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--every", type=int, default=250, help="steps between validations")
+    parser.add_argument("--jobs", type=int, default=2, help="runs at once, one thread each")
+    parser.add_argument("--clips", type=int, default=32, help="held-out clips rolled out per variant")
+    args = parser.parse_args(argv)
+    names = args.only.split(",")
+    if unknown := sorted(set(names) - set(VARIANTS)):
+        sys.exit(f"study: unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
+    data = Path(args.data)
+    if not (data / "val-000000.tar").exists():
+        sys.exit(f"study: no shards in {data}: run make demo first, or pass --data")
+    study(Path(args.out), names, data, args.steps, args.every, args.jobs, args.clips)
+
+
+if __name__ == "__main__":
+    main()
