@@ -17,7 +17,8 @@ DATA_RANGE = 2.0  # frames live in [-1, 1]
 SSIM_WINDOW, SSIM_SIGMA = 11, 1.5  # Wang et al. 2004
 COLOR_TOLERANCE = 60.0  # RGB distance (0..255) from a blend of a ball's colour over black
 MIN_COVERAGE = 0.5  # fainter blends are too dark to tell colours apart
-FOUND_FRACTION = 0.25  # a ball is found if at least this share of its disc has its colour
+FOUND_FRACTION = 0.25  # a ball is found if at least this share of its disc has its colour near its centre
+STRAY_FRACTION = 0.5  # and no more than this share of a disc has it farther away (noise is not a ball)
 
 
 def _check_pair(fake: Tensor, real: Tensor) -> None:
@@ -83,8 +84,10 @@ def find_balls(frames: Tensor, colors: Tensor, radius: Tensor) -> tuple[Tensor, 
     Each pixel is read as a blend of some ball's colour over the black background: it belongs to the ball
     whose blend line (a * colour, a in [0, 1]) passes nearest, if that is within 60 and a >= 1/2, with
     weight a, its coverage. A ball's position is the coverage-weighted centroid, exact to ~0.1 px on
-    rendered clips; it is found if its coverage adds up to a quarter of its disc. Reading rims as blends
-    keeps the dark rim of a bright ball from passing for a darker ball of a similar hue.
+    rendered clips; it is found if its coverage within two radii of that centroid adds up to a quarter of
+    its disc and its coverage farther away to no more than half a disc (coloured noise is no ball).
+    Reading rims as blends keeps the dark rim of a bright ball from passing for a darker ball of a similar
+    hue.
     """
     if frames.ndim != 4 or frames.shape[1] != 3:
         raise ValueError(f"frames must be [T, 3, H, W], got {list(frames.shape)}")
@@ -106,7 +109,13 @@ def find_balls(frames: Tensor, colors: Tensor, radius: Tensor) -> tuple[Tensor, 
     count = weight.sum(dim=(2, 3))  # [T, N] area found, in pixels
     x = (weight * xs).sum(dim=(2, 3)) / count
     y = (weight * ys[:, None]).sum(dim=(2, 3)) / count
-    found = count >= (FOUND_FRACTION * math.pi * radius.double().to(frames.device) ** 2).clamp(min=1)
+    # Found: enough of the colour within two radii of the centroid, and little of it elsewhere, so that
+    # coloured noise spread over the frame is not taken for a ball.
+    r = radius.double().to(frames.device)[None, :, None, None]  # [1, N, 1, 1]
+    dist2 = (xs - x[..., None, None]) ** 2 + (ys[:, None] - y[..., None, None]) ** 2  # [T, N, H, W]
+    near = (weight * (dist2 <= (2 * r) ** 2)).sum(dim=(2, 3))  # [T, N]
+    disc = math.pi * radius.double().to(frames.device) ** 2  # [N]
+    found = (near >= (FOUND_FRACTION * disc).clamp(min=1)) & (count - near <= STRAY_FRACTION * disc)
     positions = torch.stack([x, y], dim=-1)  # [T, N, 2]
     return torch.where(found[..., None], positions, math.nan), found
 

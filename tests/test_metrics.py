@@ -123,3 +123,11 @@ def test_a_missing_ball_is_not_found():
         blank, torch.from_numpy(states), torch.from_numpy(colors), torch.from_numpy(radius)
     )
     assert torch.isnan(error).all() and not all_found.any()
+
+
+def test_coloured_noise_is_no_ball():
+    """Uniform noise over [-1, 1] holds every colour somewhere, but nowhere a disc of it."""
+    frames = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    colors = torch.tensor([[230.0, 25, 75], [60, 180, 75], [0, 130, 200]])
+    _, found = find_balls(frames, colors, torch.tensor([3.0, 3.0, 3.0]))
+    assert not found.any()
