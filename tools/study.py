@@ -56,6 +56,15 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
         ],
     ),
     "x0": ("x0-prediction instead of v", ["noise.parameterization=x0"]),
+    "x0_size16": (
+        "x0-prediction on 16x16 frames, patch 4",
+        [
+            "noise.parameterization=x0",
+            "data.size=16",
+            "model.sample_size=16",
+            "model.patch_size=4",
+        ],
+    ),
     "lr5e-4": ("a quarter of the learning rate", ["train.lr=5e-4"]),
     "ema0.999": ("a slower EMA", ["train.ema_decay=0.999"]),
 }
