@@ -50,7 +50,10 @@ def test_a_tiny_grid_fills_every_cell_and_resumes(config_file, monkeypatch, caps
     assert [line.split(" | ")[:2] for line in body] == [[f"| {w}", s] for w in WEIGHTINGS for s in SCHEDULES]
     for line in body:
         cells = [c.strip() for c in line.strip("|").split("|")[2:]]
-        assert len(cells) == 6 and all(re.fullmatch(r"-?\d+\.\d+ ± \d+\.\d+", c) for c in cells), line
+        number = r"-?\d+\.\d+ ± \d+\.\d+"
+        # The ball error is undefined ("–") where three steps of training find no ball in any frame.
+        assert len(cells) == 6 and all(re.fullmatch(number, c) for c in cells[:3] + cells[4:]), line
+        assert re.fullmatch(f"{number}|–", cells[3]), line
     cells = [c.strip() for c in baseline.strip("|").split("|")]
     assert cells[:2] == ["copy the last context frame", "–"] and cells[-1] == "–"  # no ELBO for a copy
     assert all(re.fullmatch(r"\d+\.\d+", c) for c in cells[2:-1]), baseline
