@@ -27,7 +27,7 @@ def test_a_variant_is_trained_scored_and_plotted(tmp_path):
     (curve,) = list(csv.DictReader((out / "curves.csv").open()))
     assert curve["step"] == "2" and not math.isnan(float(curve["next_frame_mse"]))
     assert (out / "curves.png").exists() and (out / "balls.png").exists()
-    metrics = out / "runs/size16/eval/metrics.json"
+    metrics = out / "runs/size16/eval/step_2/metrics.json"
     evaluated = metrics.stat().st_mtime_ns
     study.main([*args, "--clips", "2", "--jobs", "1"])  # done: nothing is trained or evaluated again
     starts = (out / "runs/size16/runs.jsonl").read_text().splitlines()

@@ -100,9 +100,10 @@ def train(name: str, overrides: list[str], out: Path, data: Path, steps: int, ev
     return cpu_s
 
 
-def evaluate(name: str, out: Path, data: Path, clips: int) -> dict:
-    """`dforce eval` of the variant's model, 8x past its horizon; cached in its eval folder."""
-    run, target = out / "runs" / name, out / "runs" / name / "eval"
+def evaluate(name: str, out: Path, data: Path, clips: int, steps: int) -> dict:
+    """`dforce eval` of the variant's model after `steps` steps, 8x past its horizon; cached in
+    RUN/eval/step_N (a run trained on to more steps is evaluated again)."""
+    run, target = out / "runs" / name, out / "runs" / name / "eval" / f"step_{steps}"
     if not (target / "metrics.json").exists():
         horizon = json.loads((run / "model" / "config.json").read_text())["num_frames"]
         command = [
@@ -154,7 +155,7 @@ def study(out: Path, names: list[str], data: Path, steps: int, every: int, jobs:
         list(pool.map(run, names))
     rows, curve_rows = [], []
     for name in names:
-        result = evaluate(name, out, data, clips)
+        result = evaluate(name, out, data, clips, steps)
         cpu_min = cpu_minutes(out, name)
         rows.append({
             "variant": name, "changes": VARIANTS[name][0], "steps": steps, "train_cpu_min": cpu_min,
