@@ -149,7 +149,8 @@ def markdown_table(
     return "\n".join(lines) + "\n"
 
 
-def _write_csv(path: Path, rows: list[dict]) -> None:
+def write_csv(path: Path, rows: list[dict]) -> None:
+    """Rows of differing keys as one CSV table, columns in order of first appearance."""
     fields = list(dict.fromkeys(key for row in rows for key in row))
     with path.open("w", newline="") as file:
         writer = csv.DictWriter(file, fieldnames=fields)
@@ -246,9 +247,9 @@ def ablate(
     bar.close()
 
     root.mkdir(parents=True, exist_ok=True)
-    _write_csv(root / "results.csv", rows)
-    _write_csv(root / "frames.csv", frame_rows)
-    _write_csv(root / "loss_by_level.csv", loss_rows)
+    write_csv(root / "results.csv", rows)
+    write_csv(root / "frames.csv", frame_rows)
+    write_csv(root / "loss_by_level.csv", loss_rows)
     horizon = eval_clips.pixel_frames(base.data.clip_frames)  # scores are of pixel frames
     index = list(range(eval_clips.pixel_frames(val.context_frames), eval_clips.real().shape[1]))
     _, baseline = summarise(copy_last_frame(eval_clips, val.context_frames), index, horizon)

@@ -16,7 +16,6 @@ validation), curves.png (error against CPU minutes) and balls.png (balls found b
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import os
@@ -27,6 +26,7 @@ from pathlib import Path
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from dforce.ablate import write_csv
 from dforce.plots import plot_curves
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -192,14 +192,6 @@ def cpu_minutes(out: Path, name: str) -> float:
     """Training CPU minutes of a run, all its calls together (RUN/cpu_s.json)."""
     stamp = out / "runs" / name / "cpu_s.json"
     return json.loads(stamp.read_text())["cpu_s"] / 60 if stamp.exists() else math.nan
-
-
-def write_csv(path: Path, rows: list[dict]) -> None:
-    fields = list(dict.fromkeys(key for row in rows for key in row))
-    with path.open("w", newline="") as file:
-        writer = csv.DictWriter(file, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def main(argv: list[str] | None = None) -> None:
