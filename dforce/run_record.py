@@ -50,7 +50,6 @@ RESUMABLE = (
     "self_forcing.critic_lr",
     "validation.",
 )
-MODES = ("auto", "never")
 
 
 class RunMismatch(ConfigError):
@@ -67,13 +66,13 @@ class Start:
 
 
 def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
-    """Dotted keys -> leaf values (lists and tuples are leaves, as YAML writes them)."""
+    """Dotted keys -> leaf values (anything but a dict is a leaf; an empty section is one too)."""
     if isinstance(node, dict):
         flat = {}
         for key, value in node.items():
             flat.update(flatten(value, f"{prefix}{key}."))
         return flat if flat or not prefix else {prefix[:-1]: {}}
-    return {prefix[:-1]: list(node) if isinstance(node, tuple) else node}
+    return {prefix[:-1]: node}
 
 
 def resumable(key: str) -> bool:

@@ -10,6 +10,7 @@ import numpy as np
 from accelerate import Accelerator
 
 from dforce.config import Config
+from dforce.run_record import flatten
 
 # Where each tracker takes the run's name (`train.run_name`); TensorBoard writes under output_dir/logs.
 RUN_NAME_KWARG = {"wandb": "name", "mlflow": "run_name"}
@@ -41,17 +42,11 @@ def log_frames(accelerator: Accelerator, key: str, frames: np.ndarray, step: int
 
 
 def flat_config(config: Config) -> dict[str, int | float | str | bool]:
-    """Dotted keys with scalar values, as trackers (TensorBoard hparams) want them."""
-    flat = {}
-
-    def walk(node: object, prefix: str) -> None:
-        if isinstance(node, dict):
-            for key, value in node.items():
-                walk(value, f"{prefix}{key}.")
-        elif isinstance(node, (int, float, str, bool)):
-            flat[prefix[:-1]] = node
-        elif node is not None:
-            flat[prefix[:-1]] = str(node)
-
-    walk(dataclasses.asdict(config), "")
-    return flat
+    """Dotted keys with scalar values, as trackers (TensorBoard hparams) want them: lists as text, unset
+    values and empty sections left out."""
+    flat = flatten(dataclasses.asdict(config))
+    return {
+        key: value if isinstance(value, (int, float, str, bool)) else str(value)
+        for key, value in flat.items()
+        if value is not None and value != {}
+    }
