@@ -106,7 +106,7 @@ def read_clips(
     space = None if decoder is None else decoder.space
     config = DataConfig(shards=shards, clip_frames=frames, clip_start=0, size=size, shuffle=False)
     rng = np.random.default_rng(0)  # unused: clips start at frame 0 and are centre-cropped
-    videos, balls, labels, actions, originals = [], [], [], [], []
+    videos, decoded, balls, labels, actions, originals = [], [], [], [], [], []
     for sample in read_samples(shards):
         if len(videos) == count:
             break
@@ -124,6 +124,7 @@ def read_clips(
         video = clip["video"] if space else to_float(clip["video"])  # [T, C, H, W]
         pixels = video if decoder is None else decoder(video)  # [P, C, H, W]
         videos.append(video)
+        decoded.append(pixels)
         if space is not None:
             field = next((ext for ext in VIDEO_EXTENSIONS if ext in sample), None)
             stored = decode_video(sample[field])[: len(pixels)] if field else None
@@ -147,7 +148,7 @@ def read_clips(
         labels=torch.stack(labels) if all(x is not None for x in labels) else None,
         actions=torch.stack(actions) if all(x is not None for x in actions) else None,
         space=space,
-        pixels=None if decoder is None else torch.stack([decoder(v) for v in video]),
+        pixels=None if decoder is None else torch.stack(decoded),  # decoded once, above
         original=torch.stack(originals) if space is not None and len(originals) == count else None,
     )
 
