@@ -5,12 +5,14 @@ import csv
 import importlib.util
 import json
 import math
+import sys
 from pathlib import Path
 
 from dforce.synthetic import write_bouncing_balls
 
 spec = importlib.util.spec_from_file_location("study", Path(__file__).parent.parent / "tools/study.py")
 study = importlib.util.module_from_spec(spec)
+sys.modules["study"] = study  # the dataclasses of a module loaded by path look themselves up here
 spec.loader.exec_module(study)
 
 

@@ -22,51 +22,68 @@ import os
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from dforce.ablate import write_csv
 from dforce.plots import plot_curves
+from dforce.synthetic import write_bouncing_balls
 
 ROOT = Path(__file__).resolve().parents[1]
-# name -> (what it changes, overrides of configs/demo.yaml)
-VARIANTS: dict[str, tuple[str, list[str]]] = {
-    "base": ("the demo as it is", []),
-    "patch4": ("16 tokens a side instead of 4 (patch 4)", ["model.patch_size=4"]),
-    "size16": (
-        "frames at 16x16, patch 4: the same 4x4 tokens, a ball spans more of a patch",
-        [
-            "data.size=16",
-            "model.sample_size=16",
-            "model.patch_size=4",
-        ],
+X0 = ["noise.parameterization=x0"]
+SIZE16 = ["data.size=16", "model.sample_size=16", "model.patch_size=4"]
+CONTEXT_NOISE = ["loss.context_noise=200", "validation.context_noise=100"]
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One change to the demo: `overrides` of configs/demo.yaml, `eval_args` of `dforce eval`, `balls`
+    per clip of its own bouncing-balls shards (the demo's 3 use --data), and `model_of`: score that
+    variant's model instead of training one (sampler and step studies)."""
+
+    what: str
+    overrides: tuple[str, ...] = ()
+    eval_args: tuple[str, ...] = ()
+    balls: int = 3
+    model_of: str | None = None
+
+
+VARIANTS: dict[str, Variant] = {
+    "base": Variant("the demo as it is"),
+    "patch4": Variant("16 tokens a side instead of 4 (patch 4)", ("model.patch_size=4",)),
+    "size16": Variant(
+        "frames at 16x16, patch 4: the same 4x4 tokens, a ball spans more of a patch", (*SIZE16,)
     ),
-    "context_noise": (
+    "context_noise": Variant(
         "history seen at levels 0..200 in training, 100 at sampling (DF's stabilisation)",
-        [
-            "loss.context_noise=200",
-            "validation.context_noise=100",
-        ],
+        (*CONTEXT_NOISE,),
+        ("--context-noise", "100"),
     ),
-    "paths": (
+    "paths": Variant(
         "per-frame independent levels along uniform paths instead of the staircase",
-        [
-            "trajectory.name=paths",
-        ],
+        ("trajectory.name=paths",),
     ),
-    "x0": ("x0-prediction instead of v", ["noise.parameterization=x0"]),
-    "x0_size16": (
-        "x0-prediction on 16x16 frames, patch 4",
-        [
-            "noise.parameterization=x0",
-            "data.size=16",
-            "model.sample_size=16",
-            "model.patch_size=4",
-        ],
+    "x0": Variant("x0-prediction instead of v", (*X0,)),
+    "x0_size16": Variant("x0-prediction on 16x16 frames, patch 4", (*X0, *SIZE16)),
+    "lr5e-4": Variant("a quarter of the learning rate", ("train.lr=5e-4",)),
+    "ema0.999": Variant("a slower EMA", ("train.ema_decay=0.999",)),
+    "x0_context_noise": Variant(
+        "x0, history at levels 0..200 in training, 100 at sampling",
+        (*X0, *CONTEXT_NOISE),
+        ("--context-noise", "100"),
     ),
-    "lr5e-4": ("a quarter of the learning rate", ["train.lr=5e-4"]),
-    "ema0.999": ("a slower EMA", ["train.ema_decay=0.999"]),
+    "x0_balls2": Variant("x0 on clips of 2 balls", (*X0,), balls=2),
+    "x0_balls1": Variant("x0 on clips of 1 ball", (*X0,), balls=1),
+    "x0_ddpm": Variant(
+        "the x0 model sampled with DDPM (fresh noise each step)",
+        eval_args=("--sampler", "ddpm"),
+        model_of="x0",
+    ),
+    "x0_steps50": Variant(
+        "the x0 model sampled in 50 DDIM steps", eval_args=("--steps", "50"), model_of="x0"
+    ),
 }
 BANDS = ((0, 1), (1, 2), (2, 4), (4, 8))  # horizon multiples
 
@@ -100,16 +117,34 @@ def train(name: str, overrides: list[str], out: Path, data: Path, steps: int, ev
     return cpu_s
 
 
+def shards(variant: Variant, out: Path, data: Path) -> Path:
+    """The variant's shards: --data for the demo's 3 balls, else made once in OUT/data/ballsN as the
+    Makefile makes the demo's (1024 training clips of 32 frames, 64 held-out clips of 64)."""
+    if variant.balls == 3:
+        return data
+    made = out / "data" / f"balls{variant.balls}"
+    if not (made / "val-000000.tar").exists():
+        write_bouncing_balls(made, num_clips=1024, frames=32, size=32, num_balls=variant.balls, seed=0)
+        write_bouncing_balls(
+            made, num_clips=64, frames=64, size=32, num_balls=variant.balls, seed=1, prefix="val"
+        )
+    return made
+
+
 def evaluate(name: str, out: Path, data: Path, clips: int, steps: int) -> dict:
     """`dforce eval` of the variant's model after `steps` steps, 8x past its horizon; cached in
-    RUN/eval/step_N (a run trained on to more steps is evaluated again)."""
-    run, target = out / "runs" / name, out / "runs" / name / "eval" / f"step_{steps}"
+    RUN/eval/step_N, or RUN/eval/NAME/step_N for a variant scoring another's model (a run trained on to
+    more steps is evaluated again)."""
+    variant = VARIANTS[name]
+    run = out / "runs" / (variant.model_of or name)
+    target = run / "eval" / (name if variant.model_of else "") / f"step_{steps}"
     if not (target / "metrics.json").exists():
         horizon = json.loads((run / "model" / "config.json").read_text())["num_frames"]
         command = [
             sys.executable, "-m", "dforce", "eval", "--model", str(run / "model"), "--data",
             f"{data}/val-*.tar", "--clips", str(clips), "--context-frames", "4",
             "--frames", str(8 * horizon - 4), "--steps", "10", "--elbo-draws", "0", "--out", str(target),
+            *variant.eval_args,
         ]  # fmt: skip
         subprocess.run(command, check=True, capture_output=True, text=True)
     return json.loads((target / "metrics.json").read_text())
@@ -148,35 +183,40 @@ def study(out: Path, names: list[str], data: Path, steps: int, every: int, jobs:
     spent = {}
 
     def run(name: str) -> None:
-        spent[name] = train(name, VARIANTS[name][1], out, data, steps, every)
+        variant = VARIANTS[name]
+        spent[name] = train(name, list(variant.overrides), out, shards(variant, out, data), steps, every)
         print(f"study: {name} trained ({spent[name] / 60:.1f} CPU minutes this call)", flush=True)
 
+    trained = list(dict.fromkeys(VARIANTS[n].model_of or n for n in names))
     with ThreadPoolExecutor(jobs) as pool:
-        list(pool.map(run, names))
+        list(pool.map(run, trained))
     rows, curve_rows = [], []
     for name in names:
-        result = evaluate(name, out, data, clips, steps)
-        cpu_min = cpu_minutes(out, name)
+        variant = VARIANTS[name]
+        result = evaluate(name, out, shards(variant, out, data), clips, steps)
+        cpu_min = cpu_minutes(out, variant.model_of or name)
         rows.append({
-            "variant": name, "changes": VARIANTS[name][0], "steps": steps, "train_cpu_min": cpu_min,
+            "variant": name, "changes": variant.what, "steps": steps, "train_cpu_min": cpu_min,
             **{k: result["summary"][k] for k in ("mse_in_horizon", "mse_past_horizon")},
             **balls_by_band(result),
         })  # fmt: skip
-        curve_rows += curves(name, out, cpu_min / steps if cpu_min else math.nan)
+        if not variant.model_of:
+            curve_rows += curves(name, out, cpu_min / steps if cpu_min else math.nan)
     write_csv(out / "results.csv", rows)
     write_csv(out / "curves.csv", curve_rows)
     metrics = {
         "sampled next frame (MSE)": "next_frame_mse",
         "posterior mean next frame (MSE)": "next_frame_mse_1step",
     }
+    curved = [n for n in names if not VARIANTS[n].model_of]
     panels = {
         title: {n: ([r["cpu_min"] for r in curve_rows if r["variant"] == n],
-                    [r.get(key, math.nan) for r in curve_rows if r["variant"] == n], None) for n in names}
+                    [r.get(key, math.nan) for r in curve_rows if r["variant"] == n], None) for n in curved}
         for title, key in metrics.items()
     }  # fmt: skip
-    copy = [r.get("copy_last_frame_mse", math.nan) for r in curve_rows if r["variant"] == names[0]]
+    copy = [r.get("copy_last_frame_mse", math.nan) for r in curve_rows if r["variant"] == curved[0]]
     panels["sampled next frame (MSE)"]["copy last frame"] = (
-        [r["cpu_min"] for r in curve_rows if r["variant"] == names[0]], copy, None,
+        [r["cpu_min"] for r in curve_rows if r["variant"] == curved[0]], copy, None,
     )  # fmt: skip
     plot_curves(panels, out / "curves.png", "training CPU minutes (one thread)")
     bands = list(range(len(BANDS)))
