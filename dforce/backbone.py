@@ -10,6 +10,8 @@ and their attributes are read from `accelerate.utils.extract_model_from_parallel
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -18,8 +20,10 @@ from torch import Tensor
 
 from dforce import DforceError
 from dforce.attention import KVCache
+from dforce.lora import load_lora
 from dforce.model import CausalVideoTransformer
 from dforce.noise import NoiseConfig
+from dforce.wan import TRANSFORMERS, CausalWan, build_wan, check_wan
 
 
 @runtime_checkable
@@ -28,7 +32,8 @@ class Backbone(Protocol):
 
     forward(sample [B, T, C, H, W], timesteps [B, T], *, labels [B] | None, actions [B, T, A] | None,
             context [B, T, C, H, W] | None, context_timesteps [B, T] | None,
-            cache: KVCache | None, update_cache: bool, frame_offset: int) -> [B, T, C, H, W]
+            cache: KVCache | None, update_cache: bool, frame_offset: int,
+            encoder_hidden_states [B, L, D] | None, encoder_attention_mask [B, L] | None) -> [B, T, C, H, W]
 
     T <= `horizon` (cached frames included). Frame t sees the frames of its own and earlier blocks of
     `frames_per_block` frames. `context`: the teacher-forcing layout, every frame of `sample` seeing the
@@ -37,6 +42,9 @@ class Backbone(Protocol):
     frames too and place `sample` right after them; with `update_cache`, append these frames' keys and
     values (whole blocks). `frame_offset`: the position of the first frame without a cache, so that a
     recomputed window equals the rolling cache. Labels equal to `null_label` mean "no label".
+    `encoder_hidden_states`: the clip's text, D = `text_dim`, zero after its tokens; `encoder_attention_mask`
+    bool, True for a token (default: all). Every frame reads the whole text. No text, or a mask all False
+    (the null text, `dforce.text.Text.null`), is the unconditional model of text guidance.
     """
 
     attention_backend: str  # "auto" | "flex" | "sdpa": a runtime setting, not saved
@@ -58,6 +66,10 @@ class Backbone(Protocol):
         """The label id meaning "no label" (classifier-free guidance), None for an unlabelled model."""
 
     @property
+    def text_dim(self) -> int | None:
+        """D of the `encoder_hidden_states` the model reads, None for a model without text."""
+
+    @property
     def device(self) -> torch.device: ...
 
     def __call__(self, sample: Tensor, timesteps: Tensor, **kwargs: Any) -> Tensor: ...
@@ -73,13 +85,33 @@ class Backbone(Protocol):
     def save_pretrained(self, directory: str | Path) -> None: ...
 
 
-# Classes by the `_class_name` that `save_pretrained` writes in config.json.
-BACKBONES: dict[str, type] = {"CausalVideoTransformer": CausalVideoTransformer}
+# Classes by the `_class_name` that `save_pretrained` writes in config.json (`CausalWan` writes Wan's own).
+BACKBONES: dict[str, type] = {"CausalVideoTransformer": CausalVideoTransformer} | dict.fromkeys(
+    TRANSFORMERS, CausalWan
+)
+
+
+@dataclass(frozen=True)
+class Builder:
+    """How the config's `model.backbone` makes a new model: `build`'s parameters are the section's keys
+    (`dforce.config` checks them against its signature); `check` (the same keywords) tells at config time
+    what it can without building, raising ValueError("key: problem")."""
+
+    build: Callable[..., Backbone]
+    check: Callable[..., None] | None = None
+
+
+BUILDERS: dict[str, Builder] = {
+    "dforce": Builder(CausalVideoTransformer),
+    "wan": Builder(build_wan, check_wan),
+}
 
 
 def build_model(arguments: dict[str, Any]) -> Backbone:
-    """A new model from the config's `model` section (with its implied defaults, `config.model_kwargs`)."""
-    return CausalVideoTransformer(**arguments)
+    """A new model from the config's `model` section (with its implied defaults, `config.model_kwargs`);
+    `backbone` picks the builder, `dforce` by default."""
+    arguments = dict(arguments)
+    return BUILDERS[arguments.pop("backbone", "dforce")].build(**arguments)
 
 
 class ModelNotFound(DforceError, FileNotFoundError):
@@ -87,7 +119,8 @@ class ModelNotFound(DforceError, FileNotFoundError):
 
 
 def load_model(directory: str | Path) -> tuple[Backbone, NoiseConfig]:
-    """A model directory written by training: `save_pretrained` weights and config, and `noise.json`."""
+    """A model directory written by training: `save_pretrained` weights and config, `noise.json`, and a
+    LoRA run's adapters (`dforce.lora.LORA_FILE`), added unmerged."""
     path = Path(directory)
     for name in "config.json", NoiseConfig.FILE:
         if not (path / name).is_file():
@@ -95,4 +128,6 @@ def load_model(directory: str | Path) -> tuple[Backbone, NoiseConfig]:
     name = json.loads((path / "config.json").read_text()).get("_class_name")
     if name not in BACKBONES:
         raise ModelNotFound(f"{path}: model class {name!r} is not one of {', '.join(BACKBONES)}")
-    return BACKBONES[name].from_pretrained(path).eval(), NoiseConfig.load(path)
+    model = BACKBONES[name].from_pretrained(path)
+    load_lora(model, path)  # a LoRA run's adapters, beside its base weights
+    return model.eval(), NoiseConfig.load(path)

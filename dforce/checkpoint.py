@@ -4,7 +4,8 @@ that loads, never deleted but for the rotation the config asks for (`keep_checkp
 `output_dir/checkpoints/step_N` holds `accelerator.save_state` (every prepared model, optimiser and
 scheduler, the registered EMA and counters, the RNG states); `output_dir/model` the EMA weights as a
 diffusers model directory plus `noise.json`, which `dforce.backbone.load_model` reads, and for a latent
-model `vae.json` (`dforce.latents.LatentSpace.of_model`).
+model `vae.json` (`dforce.latents.LatentSpace.of_model`). Under LoRA the model directory holds the frozen
+base weights and, beside them, the EMA of the adapters in diffusers' LoRA file (`dforce.lora`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from dforce import DforceError
 from dforce.ema import ema_weights
 from dforce.latents import LatentSpace
+from dforce.lora import has_lora, save_lora_model
 from dforce.noise import NoiseConfig
 
 CHECKPOINTS = "checkpoints"
@@ -97,26 +99,40 @@ def export_model(
     directory: Path,
     space: LatentSpace | None = None,
 ) -> None:
-    """The EMA weights as a diffusers model directory plus `noise.json` (and, for a latent model,
-    `vae.json`: which VAE decodes it), replaced atomically. Under FSDP every rank joins in gathering the
-    whole weights, which the main process writes from a plain copy."""
+    """The EMA weights as a model directory (`write_model`). Under FSDP every rank joins in gathering the
+    whole weights, which the main process writes."""
     with ema_weights(ema, model):
         net = accelerator.unwrap_model(model)
-        if accelerator.is_fsdp2:
-            state = accelerator.get_state_dict(model)
-            if accelerator.is_main_process:
-                net = type(net).from_config(net.config)
-                net.load_state_dict(state)
+        state = accelerator.get_state_dict(model) if accelerator.is_fsdp2 else None
         if accelerator.is_main_process:
-            partial = directory.with_name(f".tmp-{directory.name}")
-            shutil.rmtree(partial, ignore_errors=True)
-            net.save_pretrained(partial)
-            noise.save(partial)
-            if space is not None:
-                space.save(partial)
-            old = directory.with_name(f".old-{directory.name}")
-            if directory.exists():
-                directory.rename(old)
-            partial.rename(directory)
-            shutil.rmtree(old, ignore_errors=True)
+            write_model(net, noise, directory, space, state)
     accelerator.wait_for_everyone()
+
+
+def write_model(
+    net: torch.nn.Module,
+    noise: NoiseConfig,
+    directory: Path,
+    space: LatentSpace | None = None,
+    state: dict[str, torch.Tensor] | None = None,
+) -> None:
+    """A diffusers model directory plus `noise.json` (and, for a latent model, `vae.json`: which VAE
+    decodes it), replaced atomically; an adapted model's base and adapters as `dforce.lora` writes them.
+    `state`: the whole weights when `net` does not hold them (FSDP's gathered state dict)."""
+    partial = directory.with_name(f".tmp-{directory.name}")
+    shutil.rmtree(partial, ignore_errors=True)
+    if has_lora(net):
+        save_lora_model(net, partial, state)
+    else:
+        if state is not None:
+            net = type(net).from_config(net.config)
+            net.load_state_dict(state)
+        net.save_pretrained(partial)
+    noise.save(partial)
+    if space is not None:
+        space.save(partial)
+    old = directory.with_name(f".old-{directory.name}")
+    if directory.exists():
+        directory.rename(old)
+    partial.rename(directory)
+    shutil.rmtree(old, ignore_errors=True)

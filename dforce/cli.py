@@ -61,8 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     shards.add_argument(
         "--labels",
         default=None,
-        help="CSV with a header path,label[,...]; paths relative to the CSV. A sidecar VIDEO.json "
-        '({"label": 3, "actions": [[...] per frame]}) is read as well.',
+        help="CSV with a header path,label[,caption,...]; paths relative to the CSV. A sidecar VIDEO.json "
+        '({"label": 3, "caption": "...", "actions": [[...] per frame]}) is read as well.',
     )
     shards.add_argument("--prefix", default="train", help="shards are PREFIX-000000.tar, ...")
     shards.add_argument("--maxcount", type=int, default=1000, help="samples per shard at most")
@@ -101,6 +101,26 @@ def build_parser() -> argparse.ArgumentParser:
         "--keep-video", action="store_true", help="also store each video file, to compare with later"
     )
     latents.set_defaults(run=commands.encode_latents)
+
+    text = subcommands.add_parser(
+        "encode-text",
+        help="shards with captions -> the same shards with text embeddings, through a text encoder",
+        description="Encodes the `caption` of every sample of SHARDS (video or latent shards) with a "
+        "transformers text encoder from a local folder (T5, UMT5 as Wan's, mT5; or a diffusers pipeline "
+        "root with text_encoder/ and tokenizer/) and writes each shard NAME.tar to OUT/NAME.tar with every "
+        "sample's fields plus text.npy (float16 [n, D], the n token embeddings, padding left out) and a "
+        "`text` entry in its json record. A rerun skips the shards already written; samples without a "
+        "caption are skipped and listed.",
+    )
+    text.add_argument("shards", help="shards with captions: a list (a::b), glob or brace pattern")
+    text.add_argument("--encoder", required=True, help="local folder of the text encoder or pipeline")
+    text.add_argument("--out", required=True, help="output folder (not the input's)")
+    text.add_argument("--text-length", type=int, default=512, help="tokens kept per caption at most")
+    text.add_argument("--batch-size", type=int, default=16, help="captions per encoder call")
+    text.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    text.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    text.add_argument("--overwrite", action="store_true", help="encode again the shards already in --out")
+    text.set_defaults(run=commands.encode_text)
 
     synthetic = subcommands.add_parser(
         "make-synthetic",
@@ -193,6 +213,15 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=1.0,
         help="guidance over the history (unconditional: pure noise)",
+    )
+    sampler.add_argument("--prompt", default=None, help="text, for a model trained with text (text_dim)")
+    sampler.add_argument("--text-encoder", default=None, help="the text encoder folder --prompt needs")
+    sampler.add_argument("--text-length", type=int, default=512, help="tokens of --prompt kept at most")
+    sampler.add_argument(
+        "--prompt-embeds", default=None, help="instead of --prompt: a .safetensors file of dforce.text.Text"
+    )
+    sampler.add_argument(
+        "--text-guidance", type=float, default=1.0, help="guidance over the text (unconditional: no tokens)"
     )
     sampler.add_argument(
         "--context-noise", type=int, default=0, help="level at which finished frames are seen"
@@ -295,6 +324,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     grid.add_argument("--out", default=None, help="output folder (default: the config's output_dir)")
     grid.set_defaults(run=commands.ablate)
+
+    export = subcommands.add_parser(
+        "export",
+        help="a standalone model directory from a run, LoRA adapters merged if asked",
+        description="Writes the model of RUN_OR_MODEL_DIR (a run's output_dir, whose model/ it reads, or a "
+        "model directory) to --out, a new directory that `dforce sample`, `dforce eval` and "
+        "self_forcing.teacher read. A LoRA run's adapters stay beside the base weights in diffusers' "
+        "pytorch_lora_weights.safetensors (which load_lora_weights reads), or with --merge-lora are added "
+        "into the weights: a plain diffusers model that loads without peft.",
+    )
+    export.add_argument("source", metavar="RUN_OR_MODEL_DIR", help="a run's output_dir or a model directory")
+    export.add_argument("--out", required=True, help="the new model directory")
+    export.add_argument(
+        "--merge-lora", action="store_true", help="add the LoRA adapters into the base weights"
+    )
+    export.set_defaults(run=commands.export)
     return parser
 
 

@@ -1,7 +1,8 @@
 """Where clips come from and how they are cut (`DataConfig`), and one shard sample made into a clip.
 
 A shard sample is a video file (`mp4`, `webm`, `mkv`, `avi`, ...) or a `latent.npy` array, next to a
-`json` record (`fps`, `label`, per-frame `actions`, ...; for latents their `LatentSpace` under `latent`).
+`json` record (`fps`, `label`, `caption`, per-frame `actions`, ...; for latents their `LatentSpace` under
+`latent`), and, once `dforce encode-text` has run, the caption's token embeddings `text.npy` [n, D].
 The clip's frames, their resizing and cropping come from a random generator given by the caller, so a
 clip is a pure function of (sample, seed).
 """
@@ -19,8 +20,11 @@ import torch.nn.functional as F
 
 from dforce.decode import VIDEO_EXTENSIONS, SkipSample, Video
 from dforce.latents import LatentSpace
+from dforce.text import MASK, STATES, pad_tokens
 
 LATENT_FIELD = "latent.npy"
+TEXT_FIELD = "text.npy"  # float16 [n, D]: the caption's n token embeddings (`dforce encode-text`)
+CAPTION = "caption"  # the json record's key of a clip's text
 FRAME_FIELDS = ("actions", "states")  # json arrays with one row per frame, cut like the video
 
 
@@ -42,10 +46,11 @@ class DataConfig:
     resampled: bool = False  # draw each slot's shards with replacement instead of passing over them
     samples_per_epoch: int | None = None  # None counts the samples of local shards
     seed: int = 0
+    text_length: int = 512  # text tokens a clip's embeddings are padded to (Wan: 512, as for UMT5)
 
     def __post_init__(self) -> None:
-        if min(self.clip_frames, self.frame_stride, self.shuffle_buffer) < 1:
-            raise ValueError("clip_frames, frame_stride and shuffle_buffer must be >= 1")
+        if min(self.clip_frames, self.frame_stride, self.shuffle_buffer, self.text_length) < 1:
+            raise ValueError("clip_frames, frame_stride, shuffle_buffer and text_length must be >= 1")
         if min(self.num_workers, self.seed) < 0:
             raise ValueError("num_workers and seed must be >= 0")
         if self.fps is not None and self.fps <= 0:
@@ -166,9 +171,27 @@ def _latent_clip(
     return space.normalize(torch.from_numpy(latent[indices].astype(np.float32))), indices  # [T, C, h, w]
 
 
+def _text(data: bytes, length: int) -> dict[str, torch.Tensor]:
+    """`text.npy` [n, D] -> `encoder_hidden_states` [length, D] (zero after the tokens) and
+    `encoder_attention_mask` [length] bool."""
+    try:
+        tokens = np.load(io.BytesIO(data), allow_pickle=False)  # [n, D]
+    except (ValueError, OSError, EOFError) as error:
+        raise SkipSample(f"unreadable {TEXT_FIELD}: {error}") from error
+    if tokens.ndim != 2:
+        raise SkipSample(f"{TEXT_FIELD} has shape {tokens.shape}, expected [tokens, D]")
+    try:
+        states, mask = pad_tokens(torch.from_numpy(tokens), length)
+    except ValueError as error:
+        raise SkipSample(f"{error} (data.text_length)") from None
+    return {STATES: states, MASK: mask}
+
+
 def decode_sample(sample: dict, config: DataConfig, rng: np.random.Generator) -> dict:
     """One clip: `video` `[T, C, H, W]` (uint8 pixels, or normalized float latents), `label`, `actions`
-    `[T, A]`, `states` `[T, ...]` when the record has them. Raises SkipSample with the reason if it cannot."""
+    `[T, A]`, `states` `[T, ...]` when the record has them, and the text `encoder_hidden_states`
+    `[text_length, D]` and `encoder_attention_mask` `[text_length]` when the sample holds `text.npy`.
+    Raises SkipSample with the reason if it cannot."""
     try:
         record = json.loads(sample["json"]) if "json" in sample else {}
     except (ValueError, UnicodeDecodeError) as error:
@@ -188,6 +211,8 @@ def decode_sample(sample: dict, config: DataConfig, rng: np.random.Generator) ->
     label = record.get("label")
     if isinstance(label, int) and not isinstance(label, bool):
         out["label"] = torch.tensor(label)
+    if TEXT_FIELD in sample:
+        out.update(_text(sample[TEXT_FIELD], config.text_length))
     for name in FRAME_FIELDS:
         if name in record:
             try:

@@ -6,6 +6,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from collections.abc import Collection
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+    from dforce.text import Text
 
 
 def check_choice(flag: str, value: str, table: Collection[str]) -> None:
@@ -78,6 +84,50 @@ def encode_latents(args: argparse.Namespace) -> None:
     print(summary)
 
 
+def encode_text(args: argparse.Namespace) -> None:
+    import torch
+
+    from dforce.encode_text import encode_text
+
+    summary = encode_text(
+        args.shards,
+        args.out,
+        args.encoder,
+        text_length=args.text_length,
+        batch_size=args.batch_size,
+        device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+        dtype=getattr(torch, args.dtype),
+        overwrite=args.overwrite,
+        progress=True,
+    )
+    print(summary)
+
+
+def prompt_text(args: argparse.Namespace, text_dim: int | None, device: torch.device) -> Text | None:
+    """`dforce sample`'s text (`dforce.text.Text`) from --prompt or --prompt-embeds, None without either."""
+    import torch
+
+    from dforce.text import Text, TextEncoder
+
+    if args.prompt is None and args.prompt_embeds is None:
+        if args.text_guidance != 1:
+            raise ValueError("--text-guidance needs --prompt or --prompt-embeds")
+        return None
+    flag = "--prompt" if args.prompt is not None else "--prompt-embeds"
+    if text_dim is None:
+        raise ValueError(f"{flag}: the model {args.model} reads no text (it was built without text_dim)")
+    if args.prompt_embeds is not None:
+        text = Text.load(args.prompt_embeds)
+    else:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        text = TextEncoder(args.text_encoder, device, dtype)([args.prompt], args.text_length)
+    if text.states.shape[0] != 1 or text.states.shape[2] != text_dim:
+        raise ValueError(
+            f"{flag}: text embeddings of shape {list(text.states.shape)}; the model reads [1, L, {text_dim}]"
+        )
+    return text.to(device)
+
+
 def make_synthetic(args: argparse.Namespace) -> None:
     from dforce.synthetic import write_bouncing_balls
 
@@ -125,9 +175,12 @@ def sample(args: argparse.Namespace) -> None:
     if not args.schedule.endswith(".json"):  # before the model is loaded
         check_choice("--schedule", args.schedule, SCHEDULING_OPTIONS)
     check_choice("--sampler", args.sampler, SAMPLERS)
+    if args.prompt is not None and (args.prompt_embeds is not None or args.text_encoder is None):
+        raise ValueError("--prompt needs --text-encoder DIR, and excludes --prompt-embeds")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, noise = load_model(args.model)
     model.to(device)
+    text = prompt_text(args, model.text_dim, device)
     scheduling = args.schedule
     if scheduling.endswith(".json"):
         try:
@@ -178,6 +231,8 @@ def sample(args: argparse.Namespace) -> None:
         guidance=args.guidance,
         history_guidance=args.history_guidance,
         labels=None if args.label is None else torch.tensor([args.label], device=device),
+        text=text,
+        text_guidance=args.text_guidance,
         context_noise=args.context_noise,
         use_cache=not args.no_cache,
         sink=args.sink,
@@ -243,3 +298,26 @@ def ablate(args: argparse.Namespace) -> None:
     )
     print((root / "results.md").read_text(), end="")
     print(f"wrote {root}/results.csv, results.md, frames.csv, loss_by_level.csv and plots (*.png)")
+
+
+def export(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from dforce.backbone import load_model
+    from dforce.checkpoint import MODEL, write_model
+    from dforce.latents import LatentSpace
+    from dforce.lora import has_lora, merge_lora
+
+    source, out = Path(args.source), Path(args.out)
+    if (source / MODEL).is_dir():  # a run directory: its exported model
+        source = source / MODEL
+    if out.exists():
+        raise ValueError(f"--out {out}: exists; give a new directory")
+    model, noise = load_model(source)
+    adapted = has_lora(model)
+    if args.merge_lora:
+        model = merge_lora(model)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_model(model, noise, out, LatentSpace.of_model(source))
+    what = "LoRA adapters merged into the weights" if args.merge_lora else "LoRA adapters beside the base"
+    print(f"wrote {out}" + (f" ({what})" if adapted else ""))

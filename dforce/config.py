@@ -3,7 +3,8 @@
 Every key is checked against the tree, and every name in it against the table the code uses
 (`check_names`): an unknown key or name, a wrong type or a missing file raises `ConfigError`, whose
 one-line message names the file, the dotted key and the valid choices. The `model` section is checked
-against `CausalVideoTransformer.__init__` itself, so its keys are the model's own argument names.
+against its backbone's builder itself (`CausalVideoTransformer.__init__`, or `dforce.wan.build_wan` for
+`backbone: wan`), so its keys are the model's own argument names.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
 from diffusers.optimization import SchedulerType, get_scheduler
 
 from dforce import DforceError
+from dforce.backbone import BUILDERS
 from dforce.clips import DataConfig
-from dforce.model import CausalVideoTransformer
+from dforce.lora import LoraConfig
 from dforce.noise import NoiseConfig
 from dforce.scheduling import scheduling_matrix
 from dforce.trajectory import get_weighting
@@ -54,9 +56,10 @@ class LossConfig:
     drop_history: float = 0.0  # chance a clip's context frames are replaced by pure noise (history guidance)
     drop_labels: float = 0.0  # chance a clip's label is replaced by the null label (classifier-free guidance)
     context_noise: int = 0  # teacher layout: context frames at levels 0..context_noise (against drift)
+    drop_text: float = 0.0  # chance a clip's text is replaced by the null text (no tokens): text guidance
 
     def __post_init__(self) -> None:
-        for key in ("drop_history", "drop_labels"):
+        for key in ("drop_history", "drop_labels", "drop_text"):
             if not 0 <= getattr(self, key) <= 1:
                 raise ValueError(f"{key}: must lie in [0, 1], got {getattr(self, key)}")
 
@@ -84,6 +87,7 @@ class TrainConfig:
     trackers: list[str] = field(default_factory=lambda: ["tensorboard"])  # any installed Accelerate tracker
     project: str = "dforce"  # the trackers' project
     run_name: str | None = None  # the trackers' run name; None: the output directory's name
+    lora: LoraConfig | None = None  # train adapters over a frozen base (`dforce.lora`); None: every weight
 
     def __post_init__(self) -> None:
         for key in ("max_steps", "checkpoint_every", "batch_size", "gradient_accumulation", "log_every"):
@@ -137,6 +141,7 @@ class SelfForcingConfig:
     min_level: int = 20  # the distribution-matching levels are clamped to min_level..max_level
     max_level: int = 980
     guidance: float = 1.0  # history guidance of the teacher (needs a teacher trained with drop_history)
+    text_guidance: float = 1.0  # text guidance of the teacher (needs a teacher trained with drop_text)
 
     def __post_init__(self) -> None:
         if self.init not in ("teacher", "ode"):
@@ -159,7 +164,7 @@ class Config:
     trajectory: TrajectoryConfig = field(default_factory=TrajectoryConfig)
     noise: NoiseConfig = field(default_factory=NoiseConfig)
     loss: LossConfig = field(default_factory=LossConfig)
-    model: dict[str, Any] = field(default_factory=dict)  # CausalVideoTransformer arguments
+    model: dict[str, Any] = field(default_factory=dict)  # `backbone` (dforce | wan) and its builder's keys
     validation: ValidationConfig = field(default_factory=ValidationConfig)
     objective: str = "denoising"  # denoising | self_forcing (needs the self_forcing section)
     self_forcing: SelfForcingConfig | None = None
@@ -292,14 +297,25 @@ def _required(f: dataclasses.Field) -> bool:
 
 
 def _check_model(raw: dict[str, Any]) -> dict[str, Any]:
-    signature = inspect.signature(CausalVideoTransformer.__init__)
-    hints = typing.get_type_hints(CausalVideoTransformer.__init__)
-    valid = [name for name in signature.parameters if name != "self"]
+    """The section's keys against its backbone's builder (`dforce.backbone.BUILDERS`), then what that
+    backbone checks without building."""
+    backbone = raw.get("backbone", "dforce")
+    if backbone not in BUILDERS:
+        raise ConfigError(f"model.backbone: unknown backbone {backbone!r}; valid: {', '.join(BUILDERS)}")
+    builder = BUILDERS[backbone]
+    init = builder.build.__init__ if isinstance(builder.build, type) else builder.build
+    hints = typing.get_type_hints(init)
+    valid = [*(name for name in inspect.signature(init).parameters if name != "self"), "backbone"]
     checked = {}
     for key, value in raw.items():
         if key not in valid:
             raise ConfigError(f"model.{key}: unknown key; valid keys: {', '.join(valid)}")
-        checked[key] = _coerce(value, hints[key], f"model.{key}")
+        checked[key] = value if key == "backbone" else _coerce(value, hints[key], f"model.{key}")
+    if builder.check is not None:
+        try:
+            builder.check(**{key: value for key, value in checked.items() if key != "backbone"})
+        except ValueError as error:
+            raise ConfigError(f"model.{error}") from None
     return checked
 
 

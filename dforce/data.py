@@ -27,8 +27,10 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dforce.clips import (
+    CAPTION,
     FRAME_FIELDS,
     LATENT_FIELD,
+    TEXT_FIELD,
     DataConfig,
     check_latent_config,
     decode_sample,
@@ -37,6 +39,7 @@ from dforce.clips import (
 from dforce.decode import SkipSample
 from dforce.latents import LatentSpace
 from dforce.reading import count_samples, expand_shards, name_shards, read_samples
+from dforce.text import TEXT_KEYS
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +61,15 @@ def _first_sample(path: str) -> dict[str, bytes | None]:
     return fields
 
 
+def _first_samples(data: DataConfig) -> Iterator[tuple[str, dict[str, bytes | None]]]:
+    """(url, its first sample's fields) of every local shard that has a sample; remote ones are not read."""
+    for url in expand_shards(data.shards):
+        path = urlparse(url).path if url.startswith("file:") else url
+        fields = _first_sample(path) if os.path.isfile(path) else {}
+        if fields:
+            yield url, fields
+
+
 def probe_shards(data: DataConfig) -> LatentSpace | None:
     """The `LatentSpace` of latent shards, or None for video shards, from the first sample of each local
     shard (remote ones are not read), so that a run can refuse its data before it builds anything.
@@ -66,11 +78,7 @@ def probe_shards(data: DataConfig) -> LatentSpace | None:
     autoencoders, or if `data` asks what latents cannot do (`clips.check_latent_config`).
     """
     videos, latents, space, source = [], [], None, None
-    for url in expand_shards(data.shards):
-        path = urlparse(url).path if url.startswith("file:") else url
-        fields = _first_sample(path) if os.path.isfile(path) else {}
-        if not fields:
-            continue
+    for url, fields in _first_samples(data):
         if LATENT_FIELD not in fields:
             videos.append(url)
             continue
@@ -91,6 +99,41 @@ def probe_shards(data: DataConfig) -> LatentSpace | None:
     return space
 
 
+def check_text(data: DataConfig, text_dim: int) -> None:
+    """ValueError naming the shards and what they lack unless the first sample of every local shard holds
+    text embeddings (`text.npy`) of width `text_dim` that fit in `data.text_length`, so that a model that
+    reads text refuses its data before it trains (remote shards are not read)."""
+    missing, captioned = [], []
+    for url, fields in _first_samples(data):
+        try:
+            record = json.loads(fields.get("json") or b"{}")
+        except ValueError:
+            record = {}
+        record = record if isinstance(record, dict) else {}
+        if TEXT_FIELD not in fields:
+            (captioned if CAPTION in record else missing).append(url)
+            continue
+        info = record.get("text") if isinstance(record.get("text"), dict) else {}
+        if info.get("dim", text_dim) != text_dim:
+            raise ValueError(
+                f"{url} holds text embeddings of width {info['dim']}; the model reads {text_dim}"
+            )
+        if info.get("max_length", 0) > data.text_length:
+            raise ValueError(
+                f"{url} holds text of up to {info['max_length']} tokens, more than data.text_length="
+                f"{data.text_length}: raise data.text_length or encode the text shorter"
+            )
+    if missing or captioned:
+        first = (
+            f"give the videos a {CAPTION} (sidecar json key or labels CSV column), then " if missing else ""
+        )
+        keys = " and ".join(TEXT_KEYS)
+        raise ValueError(
+            f"{name_shards(missing + captioned)} hold no {TEXT_FIELD} (a caption's {keys}), which the model "
+            f"(text_dim={text_dim}) reads: {first}run dforce encode-text"
+        )
+
+
 def _empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     """A batch buffer; in a DataLoader worker it lies in shared memory, so handing it over copies nothing."""
     if get_worker_info() is None:
@@ -108,7 +151,7 @@ def to_float(video: torch.Tensor) -> torch.Tensor:
 
 
 def collate(clips: list[dict], skipped: int = 0, pixels: str = "float32") -> dict:
-    """Stack clips into a batch; `label`, `actions`, `states` only when every clip has them.
+    """Stack clips into a batch; `label`, `actions`, `states` and the text only when every clip has them.
 
     Pixels become contiguous float in [-1, 1] in the same pass, or, with `pixels="uint8"`, stay uint8 in
     the decoder's channels-last memory order (`[B, T, C, H, W]` viewed over `[B, T, H, W, C]`: no
@@ -138,7 +181,7 @@ def collate(clips: list[dict], skipped: int = 0, pixels: str = "float32") -> dic
         "latent": clips[0]["latent"],
         "skipped": skipped,
     }
-    for name in ("label", *FRAME_FIELDS):
+    for name in ("label", *FRAME_FIELDS, *TEXT_KEYS):
         if all(name in clip for clip in clips):
             try:
                 batch[name] = torch.stack([clip[name] for clip in clips])  # [B] or [B, T, ...]
@@ -304,7 +347,9 @@ def make_loader(
     Each batch is a dict: `video` `[B, T, C, H, W]` (float in [-1, 1]; uint8 with `pixels="uint8"`,
     for `to_float` on the device; normalized latents when `latent`), `key` (sample keys), `latent` (bool),
     `skipped` (bad samples replaced in this batch: sum it for the training log), and `label` `[B]`
-    long, `actions` `[B, T, A]`, `states` `[B, T, ...]` when every record has them. Do not pass the
+    long, `actions` `[B, T, A]`, `states` `[B, T, ...]` when every record has them, and the text
+    `encoder_hidden_states` `[B, L, D]` (zero after each clip's tokens), `encoder_attention_mask` `[B, L]`
+    bool (L = `text_length`) when every sample holds `text.npy`. Do not pass the
     loader through `accelerator.prepare`: it splits the data itself, and Accelerate would drop samples.
     """
     dataset = ClipDataset(config, batch_size, rank, world_size, epoch, start)

@@ -1,4 +1,5 @@
-"""The exponential moving average of the trained weights, FSDP2-safe, and swapping it into the model."""
+"""The exponential moving average of the trained weights (under LoRA the adapters only), FSDP2-safe, and
+swapping it into the model."""
 
 from __future__ import annotations
 
@@ -55,18 +56,19 @@ class EMA(EMAModel):
 @contextlib.contextmanager
 def ema_weights(ema: EMAModel, model: torch.nn.Module) -> Iterator[None]:
     """The EMA weights in the model for the duration of a block (validation, export)."""
-    params = sharded_parameters(model)
+    params = trained_parameters(model)
     ema.store(params)
     ema.copy_to(params)
     try:
         yield
     finally:
-        ema.restore(sharded_parameters(model))
+        ema.restore(trained_parameters(model))
 
 
-def sharded_parameters(model: torch.nn.Module) -> list[torch.Tensor]:
-    """The parameters as the optimiser and EMA hold them: FSDP2 keeps the root module's weights gathered
-    after a forward without backward (validation), so they are sharded again first."""
+def trained_parameters(model: torch.nn.Module) -> list[torch.Tensor]:
+    """The parameters as the optimiser and EMA hold them: those that train (every weight, or under LoRA
+    the adapters only, so that the frozen base has no second copy). FSDP2 keeps the root module's weights
+    gathered after a forward without backward (validation), so they are sharded again first."""
     if isinstance(model, FSDPModule):
         model.reshard()
-    return list(model.parameters())
+    return [p for p in model.parameters() if p.requires_grad]

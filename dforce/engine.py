@@ -1,5 +1,6 @@
-"""The parts of a training step that every objective shares: the model made trainable, AdamW and its
-schedule, the guarded optimiser step, the per-step seeds, and the meter that sums losses on the device.
+"""The parts of a training step that every objective shares: the model made trainable (in full, or its
+LoRA adapters), AdamW and its schedule, the guarded optimiser step, the per-step seeds, and the meter that
+sums losses on the device.
 
 Nothing here knows an objective; `dforce.trainer` runs the loop, `dforce.objectives` the steps.
 """
@@ -17,6 +18,8 @@ from diffusers.optimization import get_scheduler
 from dforce.backbone import Backbone
 from dforce.checkpoint import CHECKPOINTS, TrainingStopped, list_checkpoints
 from dforce.config import TrainConfig
+from dforce.ema import trained_parameters
+from dforce.lora import add_lora
 from dforce.loss import LossOutput
 
 LEVEL_BINS = 10
@@ -45,7 +48,10 @@ def step_seed(*keys: int) -> int:
 
 
 def trainable(model: Backbone, cfg: TrainConfig, device: torch.device) -> Backbone:
-    """The model with the config's attention backend, activation checkpointing and regional compile."""
+    """The model with the config's LoRA adapters (its base frozen), attention backend, activation
+    checkpointing and regional compile."""
+    if cfg.lora is not None:
+        add_lora(model, cfg.lora)
     model.attention_backend = cfg.attention_backend
     if cfg.gradient_checkpointing:
         model.enable_gradient_checkpointing()
@@ -57,9 +63,10 @@ def trainable(model: Backbone, cfg: TrainConfig, device: torch.device) -> Backbo
 def make_optimizer(
     model: torch.nn.Module, cfg: TrainConfig, lr: float, steps: int, world: int
 ) -> tuple[torch.optim.Optimizer, object]:
-    """AdamW and the config's learning-rate schedule over `steps` optimiser steps."""
+    """AdamW over the trained weights (under LoRA the adapters) and the config's learning-rate schedule
+    over `steps` optimiser steps."""
     optimizer = torch.optim.AdamW(
-        model.parameters(),
+        trained_parameters(model),
         lr=lr,
         betas=cfg.betas,
         weight_decay=cfg.weight_decay,

@@ -15,6 +15,7 @@ from accelerate.utils import extract_model_from_parallel
 from torch import Tensor, nn
 
 from dforce.noise import NoiseSchedule
+from dforce.text import Text
 from dforce.trajectory import Teacher, Weighting, get_weighting
 
 if TYPE_CHECKING:  # a config is read, never built, here: the loss sits below the config in the layers
@@ -64,11 +65,12 @@ class DenoisingLoss:
         drop_labels: float = 0.0,
         context_noise: int = 0,
         level_range: tuple[int, int] | None = None,
+        drop_text: float = 0.0,
     ) -> None:
         self.schedule, self.parameterization, self.weighting = schedule, parameterization, weighting
         self.level_weight, self.level_weight_options = level_weight, dict(level_weight_options or {})
         self.teacher_layout = teacher_layout and isinstance(weighting, Teacher)
-        self.drop_history, self.drop_labels = drop_history, drop_labels
+        self.drop_history, self.drop_labels, self.drop_text = drop_history, drop_labels, drop_text
         if context_noise and not self.teacher_layout:
             raise ValueError(
                 f"context_noise is for the teacher layout; weighting {weighting!r} already trains on "
@@ -91,12 +93,14 @@ class DenoisingLoss:
         actions: Tensor | None = None,
         null_label: int | None = None,
         drop_history: bool | None = None,
+        text: Text | None = None,
     ) -> NoisedClips:
         """The noised state of clean clips x0 [B, T, C, H, W] that the loss trains on, as model inputs.
 
         Self-forcing reads the teacher and the critic at the same states. `drop_history=True` forces every
         clip's history to pure noise (the unconditional branch of history guidance) without changing
-        any other draw; labels [B] are dropped to `null_label` with chance `drop_labels`.
+        any other draw; labels [B] are dropped to `null_label` with chance `drop_labels`, and each clip's
+        text to the null text with chance `drop_text`.
         """
         batch, frames, device = x0.shape[0], x0.shape[1], x0.device
         if frames != self.weighting.frames:
@@ -120,10 +124,13 @@ class DenoisingLoss:
         if drop_history is not None:
             dropped = torch.full((batch,), drop_history)
         drop_labels = torch.rand(batch, generator=cpu) < self.drop_labels  # [B]
+        drop_text = torch.rand(batch, generator=cpu) < self.drop_text  # [B]
         levels, weights = levels.to(device), weights.to(device)
         if labels is not None and self.drop_labels > 0:
             labels = torch.where(drop_labels.to(device), null_label, labels)
         inputs = {"labels": labels, "actions": actions}
+        if text is not None:
+            inputs.update((text.dropped(drop_text) if self.drop_text > 0 else text).kwargs())
         noise = torch.randn(x0.shape, generator=noise_generator, device=device, dtype=x0.dtype)
         if self.teacher_layout:
             # History dropped: the context is the clip at level K (pure noise).
@@ -146,10 +153,11 @@ class DenoisingLoss:
         seed: int,
         labels: Tensor | None = None,
         actions: Tensor | None = None,
+        text: Text | None = None,
     ) -> LossOutput:
-        """x0 [B, T, C, H, W] clean clips (labels [B], actions [B, T, A] if the model takes them)."""
+        """x0 [B, T, C, H, W] clean clips (labels [B], actions [B, T, A], text if the model takes them)."""
         null_label = extract_model_from_parallel(model).null_label if labels is not None else None
-        state = self.draw(x0, seed, labels, actions, null_label)
+        state = self.draw(x0, seed, labels, actions, null_label, text=text)
         pred = model(**state.inputs)  # [B, T, C, H, W]
         levels, weights = state.levels, state.weights
         target = self.schedule.target(x0, state.noise, levels, self.parameterization)
@@ -163,7 +171,7 @@ class DenoisingLoss:
 
 def make_loss(config: Config, weighting: str, augment: bool = True) -> DenoisingLoss:
     """The training loss of `config`; or, for validation, the plain loss under any weighting
-    (`augment=False`: no dropped history or labels, no context noise)."""
+    (`augment=False`: no dropped history, labels or text, no context noise)."""
     options = {"cube_levels": config.trajectory.cube_levels}
     training = weighting == config.trajectory.name
     if training:
@@ -178,4 +186,5 @@ def make_loss(config: Config, weighting: str, augment: bool = True) -> Denoising
         drop_history=config.loss.drop_history if augment else 0.0,
         drop_labels=config.loss.drop_labels if augment else 0.0,
         context_noise=config.loss.context_noise if augment and training else 0,
+        drop_text=config.loss.drop_text if augment else 0.0,
     )

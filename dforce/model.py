@@ -15,8 +15,10 @@ import functools
 import torch
 import torch.nn.functional as F
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.loaders import PeftAdapterMixin
 from diffusers.models.attention import FeedForward
 from diffusers.models.embeddings import (
+    PixArtAlphaTextProjection,
     TimestepEmbedding,
     Timesteps,
     apply_rotary_emb,
@@ -77,10 +79,45 @@ def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torc
     return x * (1 + scale[:, :, None]) + shift[:, :, None]
 
 
-class TransformerBlock(nn.Module):
-    """Pre-norm attention + MLP, both modulated and gated per frame (adaLN-Zero), QK-norm, rotary."""
+class CrossAttention(nn.Module):
+    """Every token attends to its clip's text tokens (QK-norm, no positions). The output projection starts
+    at zero, so a model starts as the one without text; a clip with no tokens (the null text) gets nothing,
+    exactly as a forward without text."""
 
-    def __init__(self, dim: int, heads: int, head_dim: int, mlp_ratio: float) -> None:
+    def __init__(self, dim: int, heads: int, head_dim: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.q = nn.Linear(dim, heads * head_dim)
+        self.kv = nn.Linear(dim, 2 * heads * head_dim)
+        self.q_norm = nn.RMSNorm(head_dim, eps=1e-6)
+        self.k_norm = nn.RMSNorm(head_dim, eps=1e-6)
+        self.proj = nn.Linear(heads * head_dim, dim)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [B, T, N, D]
+        text: torch.Tensor,  # [B, L, D], already projected to the model's width
+        mask: torch.Tensor,  # [B, L] bool, True = a real token
+    ) -> torch.Tensor:
+        """-> what the text adds to x, [B, T, N, D]."""
+        frames = x.shape[1]
+        q = rearrange(self.q(self.norm(x)), "b t n (h d) -> b h (t n) d", h=self.heads)
+        k, v = rearrange(self.kv(text), "b l (two h d) -> two b h l d", two=2, h=self.heads)
+        q, k = self.q_norm(q.float()).to(v.dtype), self.k_norm(k.float()).to(v.dtype)
+        present = mask.any(dim=1)  # [B]
+        # A clip without tokens would attend to nothing (NaN): it attends to all, then gets zero.
+        visible = (mask | ~present[:, None])[:, None, None]  # [B, 1, 1, L]
+        h = F.scaled_dot_product_attention(q, k, v, attn_mask=visible)  # [B, H, T * N, d]
+        h = self.proj(rearrange(h, "b h (t n) d -> b t n (h d)", t=frames))
+        return torch.where(present[:, None, None, None], h, 0)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm attention + MLP, both modulated and gated per frame (adaLN-Zero), QK-norm, rotary; with
+    `text`, cross-attention to the text between them."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, mlp_ratio: float, text: bool = False) -> None:
         super().__init__()
         self.heads = heads
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
@@ -91,6 +128,7 @@ class TransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.mlp = FeedForward(dim, mult=mlp_ratio, activation_fn="gelu-approximate")
         self.modulation = nn.Linear(dim, 6 * dim)
+        self.cross = CrossAttention(dim, heads, head_dim) if text else None
 
     def forward(
         self,
@@ -100,6 +138,8 @@ class TransformerBlock(nn.Module):
         mask: torch.Tensor | BlockMask | None,
         past: tuple[torch.Tensor, torch.Tensor] | None = None,  # cached keys, values [B, H, L, d]
         write_past: bool = False,
+        text: torch.Tensor | None = None,  # [B, L, D] projected text, None: no text
+        text_mask: torch.Tensor | None = None,  # [B, L] bool
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """-> the new x, and this call's keys and values for the cache; no state is kept. With
         `write_past`, `past` is a KV cache's buffer ending in room for this call's keys and values: they
@@ -121,18 +161,22 @@ class TransformerBlock(nn.Module):
         h = attend(q, keys, values, mask)  # [B, H, T * N, d]
         h = rearrange(h, "b h (t n) d -> b t n (h d)", t=frames, n=tokens)
         x = x + gate1[:, :, None] * self.proj(h)
+        if text is not None:
+            x = x + self.cross(x, text, text_mask)
 
         h = _modulate(self.norm2(x), shift2, scale2)
         return x + gate2[:, :, None] * self.mlp(h), (k, v)
 
 
-class CausalVideoTransformer(ModelMixin, ConfigMixin):
+class CausalVideoTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
     """Denoiser for clips whose frames carry independent noise levels.
 
     forward(sample [B, T, C, H, W], timesteps [B, T]) -> [B, T, C_out, H, W], T up to `num_frames`.
     Optional: `labels` [B] (the value `num_classes` means "no label", for classifier-free guidance),
     `actions` [B, T, action_dim], `context` (the teacher-forcing layout, see `dforce.attention`), and
-    `cache` / `update_cache` for rollout. `attention_backend` ("auto", "sdpa", "flex") is a runtime
+    `cache` / `update_cache` for rollout, and with `text_dim` the text: `encoder_hidden_states` [B, L,
+    text_dim] and `encoder_attention_mask` [B, L] (True = a token; no text or no tokens: the unconditional
+    model, see `CrossAttention`). `attention_backend` ("auto", "sdpa", "flex") is a runtime
     setting, not part of the saved config. It meets `dforce.backbone.Backbone`, the interface callers use.
     """
 
@@ -156,6 +200,7 @@ class CausalVideoTransformer(ModelMixin, ConfigMixin):
         mlp_ratio: float = 4.0,
         rope_theta: float = 10000.0,
         timestep_channels: int = 256,
+        text_dim: int | None = None,
     ) -> None:
         super().__init__()
         height, width = _pair(sample_size)
@@ -177,8 +222,9 @@ class CausalVideoTransformer(ModelMixin, ConfigMixin):
         self.time_embed = TimestepEmbedding(timestep_channels, dim)
         self.label_embed = nn.Embedding(num_classes + 1, dim) if num_classes else None
         self.action_embed = nn.Linear(action_dim, dim) if action_dim else None
+        self.text_embed = PixArtAlphaTextProjection(text_dim, dim, act_fn="gelu_tanh") if text_dim else None
         self.blocks = nn.ModuleList(
-            TransformerBlock(dim, num_attention_heads, attention_head_dim, mlp_ratio)
+            TransformerBlock(dim, num_attention_heads, attention_head_dim, mlp_ratio, bool(text_dim))
             for _ in range(num_layers)
         )
         self.norm_out = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
@@ -187,8 +233,8 @@ class CausalVideoTransformer(ModelMixin, ConfigMixin):
         self._init_weights()
 
     def _init_weights(self) -> None:
-        """DiT initialisation: Xavier linears; modulations and the output projection start at zero, so
-        every block starts as the identity and the model as the zero function."""
+        """DiT initialisation: Xavier linears; modulations, cross-attention outputs and the output projection
+        start at zero, so every block starts as the identity and the model as the zero function."""
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
@@ -199,6 +245,8 @@ class CausalVideoTransformer(ModelMixin, ConfigMixin):
             nn.init.normal_(self.label_embed.weight, std=0.02)
         for block in self.blocks:
             nn.init.zeros_(block.modulation.weight)
+            if block.cross is not None:
+                nn.init.zeros_(block.cross.proj.weight)
         for linear in self.modulation_out, self.proj_out:
             nn.init.zeros_(linear.weight)
 
@@ -217,6 +265,10 @@ class CausalVideoTransformer(ModelMixin, ConfigMixin):
     @property
     def null_label(self) -> int | None:
         return self.config.num_classes or None
+
+    @property
+    def text_dim(self) -> int | None:
+        return self.config.text_dim
 
     def new_cache(self, max_frames: int | None = None, sink_frames: int = 0) -> KVCache:
         """A KV cache whose window, with one block being denoised, stays within the training horizon;
@@ -263,6 +315,30 @@ class CausalVideoTransformer(ModelMixin, ConfigMixin):
             cond = cond + self.action_embed(actions.to(cond.dtype))
         return F.silu(cond)
 
+    def _text(
+        self, states: torch.Tensor | None, mask: torch.Tensor | None, batch: int
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Text states [B, L, text_dim] projected to the model's width, and the mask [B, L] (default: every
+        token); (None, None) without text."""
+        if states is None:
+            if mask is not None:
+                raise ValueError("encoder_attention_mask given without encoder_hidden_states")
+            return None, None
+        if self.text_embed is None:
+            raise ValueError("encoder_hidden_states given to a model built without text_dim")
+        if states.ndim != 3 or states.shape[0] != batch or states.shape[2] != self.config.text_dim:
+            raise ValueError(
+                f"encoder_hidden_states {tuple(states.shape)} must be [B, L, text_dim] = "
+                f"[{batch}, L, {self.config.text_dim}]"
+            )
+        if mask is None:
+            mask = torch.ones(states.shape[:2], dtype=torch.bool, device=states.device)
+        elif mask.shape != states.shape[:2]:
+            raise ValueError(
+                f"encoder_attention_mask {tuple(mask.shape)} must be [B, L] = {tuple(states.shape[:2])}"
+            )
+        return self.text_embed(states.to(self.patch_embed.weight.dtype)), mask.bool()
+
     def forward(
         self,
         sample: torch.Tensor,
@@ -275,6 +351,8 @@ class CausalVideoTransformer(ModelMixin, ConfigMixin):
         cache: KVCache | None = None,
         update_cache: bool = False,
         frame_offset: int = 0,
+        encoder_hidden_states: torch.Tensor | None = None,
+        encoder_attention_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """sample [B, T, C, H, W], timesteps [B, T] -> [B, T, C_out, H, W].
 
@@ -282,7 +360,8 @@ class CausalVideoTransformer(ModelMixin, ConfigMixin):
         earlier blocks (at `context_timesteps`, default 0) and its own block of `sample`.
         cache: attend to its frames too and place `sample` right after them; with `update_cache`,
         append these frames' keys and values (whole blocks). frame_offset: position of the first frame
-        when there is no cache, so a recomputed window matches a rolling cache.
+        when there is no cache, so a recomputed window matches a rolling cache. encoder_hidden_states
+        [B, L, text_dim], encoder_attention_mask [B, L] bool: the text every frame's tokens attend to.
         """
         config = self.config
         batch, frames, channels, height, width = sample.shape
@@ -320,6 +399,7 @@ class CausalVideoTransformer(ModelMixin, ConfigMixin):
         x = rearrange(sample, "b t c (h p) (w q) -> b t (h w) (c p q)", p=p, q=p)
         x = self.patch_embed(x.to(self.patch_embed.weight.dtype))  # [B, T', N, D]
         cond = self._condition(timesteps, labels, actions)  # [B, T', D]
+        text, text_mask = self._text(encoder_hidden_states, encoder_attention_mask, batch)  # [B, L, D]
         teacher = context is not None
         cos, sin = rotary_tables(
             frames,
@@ -335,7 +415,7 @@ class CausalVideoTransformer(ModelMixin, ConfigMixin):
 
         for layer, block in enumerate(self.blocks):
             past, staged = self._past(cache, layer, batch, x.shape[1] * x.shape[2])
-            args = (x, cond, (cos, sin), mask, past, staged)
+            args = (x, cond, (cos, sin), mask, past, staged, text, text_mask)
             if torch.is_grad_enabled() and self.gradient_checkpointing:
                 x, (k, v) = self._gradient_checkpointing_func(block, *args)
             else:

@@ -21,6 +21,7 @@ from dforce.history import History
 from dforce.noise import NoiseSchedule
 from dforce.sampler import Sampler
 from dforce.scheduling import scheduling_matrix
+from dforce.text import Text
 
 Matrix = str | Sequence[Sequence[int]] | Tensor
 
@@ -173,6 +174,8 @@ def rollout(
     history_guidance: float = 1.0,
     labels: Tensor | None = None,
     actions: Tensor | None = None,
+    text: Text | None = None,
+    text_guidance: float = 1.0,
     context_noise: int = 0,
     use_cache: bool = True,
     sink: int = 0,
@@ -186,10 +189,11 @@ def rollout(
     the chunk's frames, with `schedule_options` such as `block=` and `offset=`, see `chunk_schedule`),
     `steps` steps per frame, with `sampler` (`ddim` with `eta`, `ddpm`, `euler` for flow schedules).
     labels [B], actions [B, T0 + frames, A]; `guidance` scales classifier-free guidance over them,
-    `history_guidance` over the history (see `History`). Finished frames condition the model at level
-    `context_noise`; the first `sink` frames stay in the cache's window for good (self-forcing can train
-    with the same). `use_cache=False` recomputes the window at every step. Random draws come from
-    `generator` (on the context's device), so a seeded generator repeats the video exactly.
+    `text_guidance` over the text (of the B clips), `history_guidance` over the history (see `History`).
+    Finished frames condition the model at level `context_noise`; the first `sink` frames stay in the
+    cache's window for good (self-forcing can train with the same). `use_cache=False` recomputes the
+    window at every step. Random draws come from `generator` (on the context's device), so a seeded
+    generator repeats the video exactly.
     """
     block, shape = model.frames_per_block, model.frame_shape
     if context.ndim != 5 or tuple(context.shape[2:]) != shape:
@@ -207,6 +211,8 @@ def rollout(
         raise ValueError(
             f"actions must be [B, T0 + frames, A] = [{batch}, {known + frames}, A], got {list(actions.shape)}"
         )
+    if text is not None and len(text.states) != batch:
+        raise ValueError(f"text must be of B = {batch} clips, got {len(text.states)}")
     step = Sampler(sampler, eta)
     step.check(schedule)
     matrix, window = chunk_schedule(model, schedule.levels, scheduling, steps, chunk, **schedule_options)
@@ -225,6 +231,8 @@ def rollout(
         actions=actions,
         guidance=guidance,
         history_guidance=history_guidance,
+        text=text,
+        text_guidance=text_guidance,
         context_noise=context_noise,
         use_cache=use_cache,
         sink=sink,

@@ -23,7 +23,7 @@ import torch
 import webdataset as wds
 from tqdm import tqdm
 
-from dforce.clips import FRAME_FIELDS, resize_crop
+from dforce.clips import CAPTION, FRAME_FIELDS, resize_crop
 from dforce.decode import VIDEO_EXTENSIONS, SkipSample, Video
 
 VIDEO_SUFFIXES = tuple(f".{ext}" for ext in VIDEO_EXTENSIONS)  # what a folder search picks up
@@ -148,7 +148,8 @@ def find_videos(inputs: Sequence[str | Path]) -> list[Path]:
 def read_labels(path: str | Path) -> dict[Path, dict]:
     """A CSV with a header `path,label[,more columns]` -> {resolved video path: {"label": ..., ...}}.
 
-    Paths are relative to the CSV's folder; integer labels become ints, other columns stay strings.
+    Paths are relative to the CSV's folder; integer labels become ints, other columns (a `caption`)
+    stay strings.
     """
     path = Path(path)
     if not path.is_file():
@@ -169,7 +170,8 @@ def read_labels(path: str | Path) -> dict[Path, dict]:
 
 
 def _sidecar(video: Path, labels: dict[Path, dict]) -> dict:
-    """Extra record fields for a video: its CSV row, then `VIDEO_STEM.json` next to it."""
+    """Extra record fields for a video: its CSV row, then `VIDEO_STEM.json` next to it. A `caption` is
+    text (an empty one, a blank CSV cell, is none)."""
     extra = dict(labels.get(video.resolve(), {}))
     sidecar = video.with_suffix(".json")
     if sidecar.is_file():
@@ -180,6 +182,11 @@ def _sidecar(video: Path, labels: dict[Path, dict]) -> dict:
         if not isinstance(data, dict):
             raise SkipSample(f"sidecar {sidecar.name} is not a json object")
         extra.update(data)
+    if CAPTION in extra:
+        if not isinstance(extra[CAPTION], str):
+            raise SkipSample(f"{CAPTION} is {type(extra[CAPTION]).__name__}, not text")
+        if not extra[CAPTION].strip():
+            del extra[CAPTION]
     return extra
 
 

@@ -21,13 +21,15 @@ from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration
 from tqdm.auto import tqdm
 
+from dforce.backbone import Backbone
 from dforce.checkpoint import CHECKPOINTS, MODEL, export_model, resume, save_checkpoint
 from dforce.config import PRECISIONS, Config, ConfigError
-from dforce.data import make_loader, probe_shards, to_float
-from dforce.ema import EMA, ema_weights
+from dforce.data import check_text, make_loader, probe_shards, to_float
+from dforce.ema import EMA, ema_weights, trained_parameters
 from dforce.engine import TrainState
 from dforce.latents import LatentSpace
 from dforce.run_record import Start, move_aside, record_start
+from dforce.text import TEXT_KEYS
 from dforce.trackers import start_trackers
 from dforce.vae import load_decoder
 from dforce.validation import held_out_clips, held_out_data, validate
@@ -108,6 +110,9 @@ class Trainer:
         accelerator, state = self.accelerator, self.state
         objective = make_objective(self.config, self)
         config = self.config = objective.config
+        text_dim = accelerator.unwrap_model(objective.model).text_dim
+        check_data_text(config, text_dim)  # before a checkpoint is loaded or a step taken
+        check_frames(config, accelerator.unwrap_model(objective.model), self.space)
         cfg, val = config.train, config.validation
         ema = begin(accelerator, objective.model, self.given, config, self.start, state)
 
@@ -117,7 +122,7 @@ class Trainer:
         )
         if clips is not None and self.space is not None:
             decoder = load_decoder(self.space, self.device)
-        batches = self.batches(objective.batches_read(state.step))
+        batches = self.batches(objective.batches_read(state.step), text=text_dim is not None)
         start_trackers(accelerator, config)
         progress = tqdm(
             total=objective.steps,
@@ -129,7 +134,7 @@ class Trainer:
         while state.step < objective.steps:
             grad_norm = objective.step(state.step, batches)
             if grad_norm.isfinite():
-                ema.step(objective.model.parameters())
+                ema.step(trained_parameters(objective.model))
             state.step += 1
             progress.update()
 
@@ -161,15 +166,17 @@ class Trainer:
         accelerator.end_training()
         return self.output / MODEL
 
-    def batches(self, consumed: int) -> Iterator[dict]:
+    def batches(self, consumed: int, text: bool = False) -> Iterator[dict]:
         """This rank's batches without end after the first `consumed`, on the device: `video` float
-        [B, T, C, H, W], `skipped` (int), and `label` [B], `actions` [B, T, A] when the data has them."""
+        [B, T, C, H, W], `skipped` (int), and `label` [B], `actions` [B, T, A] when the data has them,
+        and with `text` (a model that reads it) `encoder_hidden_states` [B, L, D], `encoder_attention_mask`
+        [B, L]."""
         for batch in clip_batches(self.config, self.rank, self.world, consumed):
             out = {
                 "video": to_float(batch["video"].to(self.device, non_blocking=True)),
                 "skipped": int(batch["skipped"]),
             }
-            for key in "label", "actions":
+            for key in ("label", "actions", *(TEXT_KEYS if text else ())):
                 if key in batch:
                     out[key] = batch[key].to(self.device)
             yield out
@@ -194,6 +201,33 @@ def data_space(config: Config) -> LatentSpace | None:
     return space
 
 
+def check_frames(config: Config, model: Backbone, space: LatentSpace | None) -> None:
+    """The data's frames against the model's (C, H, W), before a step: the channels of latent shards (or
+    RGB pixels) and `data.size`. What shards do not say (a latent's size) the first forward checks."""
+    channels, *size = model.frame_shape
+    reads = f"the model ({type(model).__name__}) reads frames of (C, H, W) {tuple(model.frame_shape)}"
+    data = "RGB pixel frames" if space is None else f"{space.vae_class} latents of {space.channels} channels"
+    if channels != (3 if space is None else space.channels):
+        raise ConfigError(f"data.shards: the shards hold {data}; {reads}")
+    if space is None and config.data.size is not None:
+        wanted = [config.data.size] * 2 if isinstance(config.data.size, int) else list(config.data.size)
+        if wanted != size:
+            raise ConfigError(f"data.size: {config.data.size} gives {wanted[0]}x{wanted[1]} frames; {reads}")
+
+
+def check_data_text(config: Config, text_dim: int | None) -> None:
+    """A model that reads text (`text_dim` set) refuses shards without text embeddings at once, naming
+    them and the key they lack (`data.check_text`), the held-out shards as well."""
+    if text_dim is None:
+        return
+    for key, data in (("data.shards", config.data), ("validation.shards", held_out_data(config))):
+        if key == "data.shards" or config.validation.shards:
+            try:
+                check_text(data, text_dim)
+            except ValueError as error:
+                raise ConfigError(f"{key}: {error}") from None
+
+
 def begin(
     accelerator: Accelerator,
     model: torch.nn.Module,
@@ -202,11 +236,11 @@ def begin(
     start: Start,
     state: TrainState,
 ) -> EMA:
-    """The EMA of the prepared `model` (FSDP's shards, if sharded), registered for checkpointing with
-    the counters and loaded with them from the newest readable checkpoint unless the run starts afresh;
-    the start recorded beside (`dforce.run_record`)."""
+    """The EMA of the prepared `model`'s trained weights (FSDP's shards, if sharded), registered for
+    checkpointing with the counters and loaded with them from the newest readable checkpoint unless the
+    run starts afresh; the start recorded beside (`dforce.run_record`)."""
     output = Path(config.output_dir)
-    ema = EMA(model.parameters(), decay=config.train.ema_decay, foreach=True)
+    ema = EMA(trained_parameters(model), decay=config.train.ema_decay, foreach=True)
     accelerator.register_for_checkpointing(ema, state)
     resumed = None if start.fresh else resume(accelerator, output / CHECKPOINTS)
     if accelerator.is_main_process:

@@ -19,6 +19,7 @@ from dforce.engine import step_seed
 from dforce.loss import make_loss
 from dforce.noise import NoiseSchedule
 from dforce.rollout import rollout
+from dforce.text import Text
 from dforce.trackers import log_frames
 from dforce.video import side_by_side, to_uint8, write_video
 
@@ -27,6 +28,12 @@ def held_out_data(config: Config) -> DataConfig:
     """The validation shards, read in order from the first frame of each clip."""
     shards = config.validation.shards
     return dataclasses.replace(config.data, shards=shards, shuffle=False, resampled=False, clip_start=0)
+
+
+def model_text(model: Backbone, batch: dict, device: torch.device) -> Text | None:
+    """The batch's text on `device` for a model that reads text, else None."""
+    text = Text.of(batch) if model.text_dim is not None else None
+    return None if text is None else text.to(device)
 
 
 @torch.no_grad()
@@ -61,11 +68,12 @@ def validate(
             x0 = to_float(batch["video"].to(device))  # [B, T, C, H, W]
             labels = batch["label"].to(device) if "label" in batch else None
             actions = batch["actions"].to(device) if "actions" in batch else None
+            text = model_text(net, batch, device)
             seed = step_seed(config.seed, i)
             counts[purpose] += 1
             if purpose == "loss":
                 for name, loss_fn in losses.items():
-                    loss = loss_fn(net, x0, seed, labels=labels, actions=actions).loss
+                    loss = loss_fn(net, x0, seed, labels=labels, actions=actions, text=text).loss
                     sums[f"val/loss_{name}"] = sums.get(f"val/loss_{name}", 0) + loss
                 continue
             context, truth = x0[:, : val.context_frames], x0[:, val.context_frames]
@@ -82,6 +90,7 @@ def validate(
                     context_noise=val.context_noise,
                     labels=labels,
                     actions=actions,
+                    text=text,
                     generator=torch.Generator(device).manual_seed(seed),
                 )[:, -1]
             for name, guess in guesses.items():
@@ -145,6 +154,7 @@ def write_rollouts(
         context_noise=val.context_noise,
         labels=batch["label"].to(accelerator.device) if "label" in batch else None,
         actions=batch["actions"].to(accelerator.device) if "actions" in batch else None,
+        text=model_text(model, batch, accelerator.device),
         generator=torch.Generator(accelerator.device).manual_seed(config.seed),
     )
     if decoder is not None:

@@ -7,7 +7,7 @@ import torch
 from conftest import pattern, write_index_shards
 
 from dforce.clips import DataConfig, clip_indices, resize_crop
-from dforce.data import make_loader, to_float
+from dforce.data import check_text, make_loader, to_float
 from dforce.decode import SkipSample, Video
 from dforce.latents import LatentSpace
 from dforce.reading import expand_shards
@@ -282,3 +282,45 @@ def test_config_is_checked():
     ]:
         with pytest.raises(ValueError, match=message):
             DataConfig(**options)
+
+
+def text_shards(out, tokens: list[int], dim: int = 4) -> list[str]:
+    """One shard of 8x32 videos whose samples hold `tokens[i]` text embeddings of width `dim`."""
+    video = encode_video(pattern(4, 8, 32), fps=8, crf=30)
+    with ShardSink(out) as sink:
+        for n, count in enumerate(tokens):
+            embedding = np.full((count, dim), n + 1, dtype=np.float16)  # [n, D]
+            buffer = io.BytesIO()
+            np.save(buffer, embedding, allow_pickle=False)
+            record = {"caption": "x", "text": {"dim": dim, "tokens": count, "max_length": 6}}
+            sink.write({"__key__": f"s{n}", "mp4": video, "json": record, "text.npy": buffer.getvalue()})
+    return sink.shards
+
+
+def test_text_is_padded_to_text_length(tmp_path):
+    """Batches carry each clip's text embeddings zero-padded to data.text_length, and the mask of its
+    tokens; a sample with more tokens than that is skipped with the reason."""
+    shards = text_shards(tmp_path, [2, 5, 9])
+    batch = next(iter(loader(config(shards, shuffle=False, text_length=6), batch_size=3)))
+    states, mask = batch["encoder_hidden_states"], batch["encoder_attention_mask"]
+    assert states.shape == (3, 6, 4) and mask.shape == (3, 6) and mask.dtype == torch.bool
+    assert mask.sum(1).tolist() == [2, 5, 2] and batch["skipped"] == 1  # the third: a copy of the first
+    assert (states[0, :2] == 1).all() and (states[0, 2:] == 0).all() and (states[1, :5] == 2).all()
+    assert (states[~mask] == 0).all()
+
+
+def test_a_model_that_reads_text_refuses_shards_without_it(tmp_path, index_shards):
+    """`check_text` names the shards and what they lack: no caption at all, captions not yet encoded, text
+    of another width, or longer than data.text_length."""
+    with pytest.raises(ValueError, match=r"index_shards.*hold no text\.npy .* give the videos a caption"):
+        check_text(config(index_shards), 4)
+    with ShardSink(tmp_path, prefix="c") as sink:
+        sink.write({"__key__": "s", "mp4": b"", "json": {"caption": "a ball"}})
+    with pytest.raises(ValueError, match=r"c-000000\.tar hold no text\.npy .*: run dforce encode-text"):
+        check_text(config(sink.shards), 4)
+    shards = text_shards(tmp_path / "t", [2])
+    check_text(config(shards, text_length=6), 4)
+    with pytest.raises(ValueError, match="text embeddings of width 4; the model reads 8"):
+        check_text(config(shards), 8)
+    with pytest.raises(ValueError, match=r"up to 6 tokens, more than data\.text_length=3"):
+        check_text(config(shards, text_length=3), 4)

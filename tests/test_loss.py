@@ -4,6 +4,7 @@ import torch
 from dforce.loss import DenoisingLoss
 from dforce.model import CausalVideoTransformer
 from dforce.noise import NoiseSchedule
+from dforce.text import Text
 from dforce.trajectory import get_weighting
 
 FRAMES, LEVELS = 4, 20
@@ -130,3 +131,27 @@ def test_context_noise_in_the_teacher_layout():
         make_loss("paths", context_noise=7)
     with pytest.raises(ValueError, match=r"context_noise must be a level in 0\.\.20"):
         make_loss("teacher", context_noise=21)
+
+
+@pytest.mark.parametrize("weighting", ["independent", "teacher"])
+def test_dropping_text(weighting):
+    """Each clip's text becomes the null text (no tokens, zero embeddings) with chance drop_text; the
+    other draws, and the kept texts, are those of the loss without it."""
+    n = 4000
+    x0 = torch.zeros(n, FRAMES, 1, 1, 1)
+    states = torch.randn(n, 3, 2, generator=torch.Generator().manual_seed(2))  # [B, L, D]
+    words = Text(states, torch.ones(n, 3, dtype=torch.bool))
+    spy = Spy()
+    kept = make_loss(weighting)(spy, x0, seed=0, text=words)
+    assert torch.equal(spy.calls[-1]["encoder_hidden_states"], states)
+    dropped = make_loss(weighting, drop_text=0.3)(spy, x0, seed=0, text=words)
+    call = spy.calls[-1]
+    null = ~call["encoder_attention_mask"].any(1)  # [B]
+    assert abs(null.float().mean() - 0.3) < 0.03  # 3 standard deviations: 0.022
+    assert (call["encoder_hidden_states"][null] == 0).all()
+    assert torch.equal(call["encoder_hidden_states"][~null], states[~null])
+    assert call["encoder_attention_mask"][~null].all()
+    assert torch.equal(kept.levels, dropped.levels)
+    again = make_loss(weighting, drop_text=0.3)(spy, x0, seed=0, text=words)
+    assert torch.equal(spy.calls[-1]["encoder_attention_mask"], call["encoder_attention_mask"])
+    assert torch.equal(again.levels, dropped.levels)

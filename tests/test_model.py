@@ -329,3 +329,105 @@ def test_regional_compilation_matches_eager():
         eager = model(sample, timesteps)
         model.compile_repeated_blocks(fullgraph=True)
         torch.testing.assert_close(model(sample, timesteps), eager, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------- text
+
+TEXT_DIM = 16
+
+
+def text(batch: int = 2, seed: int = 5, tokens: tuple[int, ...] = (3, 5)) -> dict[str, torch.Tensor]:
+    """Text of `tokens[i]` real tokens out of 5 per clip, zero after them (the loader's padding)."""
+    generator = torch.Generator().manual_seed(seed)
+    mask = torch.arange(5)[None] < torch.tensor(tokens[:batch])[:, None]  # [B, L]
+    states = torch.randn(batch, 5, TEXT_DIM, generator=generator) * mask[..., None]  # [B, L, D]
+    return {"encoder_hidden_states": states, "encoder_attention_mask": mask}
+
+
+def test_text_starts_as_the_model_without_text():
+    """The cross-attention's output projection starts at zero: a model with text computes what the same
+    weights compute without it. Once it is not zero, no tokens (the null text) is still no text."""
+    fresh = CausalVideoTransformer(num_frames=HORIZON, num_layers=2, text_dim=TEXT_DIM)
+    assert all(torch.count_nonzero(block.cross.proj.weight) == 0 for block in fresh.blocks)
+    model, plain = tiny(text_dim=TEXT_DIM), tiny()
+    sample, timesteps = inputs()
+    with torch.no_grad():
+        conditioned = model(sample, timesteps, **text())
+        assert not torch.allclose(conditioned, model(sample, timesteps))
+        null = text(tokens=(0, 0))
+        torch.testing.assert_close(model(sample, timesteps, **null), model(sample, timesteps))
+        for block in model.blocks:
+            block.cross.proj.weight.zero_(), block.cross.proj.bias.zero_()
+        plain.load_state_dict(model.state_dict(), strict=False)
+        assert torch.equal(model(sample, timesteps, **text()), plain(sample, timesteps))
+
+
+def test_text_conditioning_is_learned():
+    """From the zero initialisation, a few AdamW steps make the output depend on the text."""
+    torch.manual_seed(0)
+    model = CausalVideoTransformer(
+        in_channels=3, sample_size=(8, 4), patch_size=2, num_frames=HORIZON, num_layers=1,
+        num_attention_heads=2, attention_head_dim=8, text_dim=TEXT_DIM,
+    )  # fmt: skip
+    sample, timesteps = (x[:1].expand(2, *x.shape[1:]) for x in inputs())  # two clips alike but the text
+    prompts = text(tokens=(2, 4))
+    target = torch.tensor([1.0, -1.0])[:, None, None, None, None].expand_as(sample)  # one per text
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(15):
+        optimizer.zero_grad()
+        loss = (model(sample, timesteps, **prompts) - target).square().mean()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        out = model(sample, timesteps, **prompts)
+    assert loss < 0.5 and out[0].mean() > 0.3 and out[1].mean() < -0.3
+
+
+@pytest.mark.parametrize("frames_per_block", [1, 2])
+def test_causality_cache_and_teacher_layout_hold_with_text(frames_per_block):
+    model = tiny(frames_per_block, text_dim=TEXT_DIM)
+    sample, timesteps = inputs()
+    clean, _ = inputs(seed=2)
+    words = text()
+    with torch.no_grad():
+        full = model(sample, timesteps, **words)
+        other, other_t = inputs(seed=12)
+        first = frames_per_block
+        changed = model(
+            torch.cat([sample[:, :first], other[:, first:]], 1),
+            torch.cat([timesteps[:, :first], other_t[:, first:]], 1),
+            **words,
+        )
+        assert torch.equal(changed[:, :first], full[:, :first])
+        cache, cached = model.new_cache(), []
+        for start in range(0, HORIZON, frames_per_block):
+            block = slice(start, start + frames_per_block)
+            cached.append(
+                model(sample[:, block], timesteps[:, block], cache=cache, update_cache=True, **words)
+            )
+        torch.testing.assert_close(torch.cat(cached, dim=1), full, atol=1e-5, rtol=1e-5)
+        layout = model(sample, timesteps, context=clean, **words)
+        start = HORIZON - frames_per_block
+        alone = model(
+            torch.cat([clean[:, :start], sample[:, start:]], 1),
+            torch.cat([torch.zeros_like(timesteps[:, :start]), timesteps[:, start:]], 1),
+            **words,
+        )
+        torch.testing.assert_close(layout[:, start:], alone[:, start:], atol=1e-5, rtol=1e-5)
+
+
+def test_text_gets_gradients_and_bad_text_names_the_problem():
+    model = tiny(text_dim=TEXT_DIM).train()
+    model.enable_gradient_checkpointing()
+    sample, timesteps = inputs()
+    model(sample, timesteps, **text()).square().mean().backward()
+    for name, parameter in model.named_parameters():
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+    words = text()
+    with pytest.raises(ValueError, match="built without text_dim"):
+        tiny()(sample, timesteps, **words)
+    with pytest.raises(ValueError, match=r"must be \[B, L, text_dim\] = \[2, L, 16\]"):
+        model(sample, timesteps, encoder_hidden_states=words["encoder_hidden_states"][..., :8])
+    with pytest.raises(ValueError, match="encoder_attention_mask"):
+        model(sample, timesteps, encoder_hidden_states=words["encoder_hidden_states"],
+              encoder_attention_mask=words["encoder_attention_mask"][:, :3])  # fmt: skip

@@ -16,6 +16,7 @@ from dforce.noise import NoiseConfig, NoiseSchedule
 from dforce.rollout import chunk_schedule, denoise_step, rollout
 from dforce.sampler import Sampler, ddim_step, ddpm_step, euler_step
 from dforce.scheduling import scheduling_matrix
+from dforce.text import Text
 
 K = 1000
 CUSTOM = [[K, K, K], [600, K, K], [0, 300, 900], [0, 0, 400], [0, 0, 0]]
@@ -295,6 +296,39 @@ def test_guidance_combines_the_branches(use_cache):
     no_history = x0(context_noise=K)
     torch.testing.assert_close(guided, cond + 1.5 * (cond - no_label) + 0.5 * (cond - no_history))
     assert not torch.allclose(cond, no_label) and not torch.allclose(cond, no_history)
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_text_guidance_is_linear_in_its_scale(use_cache):
+    """Text guidance s: 1 is the text alone, 0 the null text alone (no tokens: the same as no text), and x0
+    and eps move linearly with s; beside history guidance its term adds as the others do."""
+    model = tiny(text_dim=4)
+    context, x = clip(3), clip(2, seed=6)
+    levels = torch.tensor([[500, 900], [200, 1000]])
+    mask = torch.arange(5)[None] < torch.tensor([[3], [5]])  # [B, L]
+    words = Text(torch.randn(2, 5, 4, generator=gen(3)) * mask[..., None], mask)
+
+    def denoise(**options):
+        history = History(model, noise_schedule(), "v", 10, use_cache=use_cache, **options)
+        history.commit(context, gen(9))
+        with torch.no_grad():
+            return history.denoise(x, levels)
+
+    cond, null = denoise(text=words), denoise(text=words.null())
+    assert all(torch.equal(a, b) for a, b in zip(null, denoise(), strict=True))
+    assert torch.equal(denoise(text=words, text_guidance=1.0)[0], cond[0])
+    for scale in 0.0, 0.5, 3.0:
+        for guided, c, u in zip(denoise(text=words, text_guidance=scale), cond, null, strict=True):
+            torch.testing.assert_close(guided, scale * c + (1 - scale) * u, atol=1e-5, rtol=1e-5)
+    both = denoise(text=words, text_guidance=2.0, history_guidance=1.5, context_noise=50)[0]
+    c, no_text = denoise(text=words, context_noise=50)[0], denoise(text=words.null(), context_noise=50)[0]
+    no_history = denoise(text=words, context_noise=K)[0]
+    torch.testing.assert_close(both, c + (c - no_text) + 0.5 * (c - no_history), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(cond[0], null[0])
+    with pytest.raises(ValueError, match="text guidance needs text"):
+        denoise(text_guidance=2.0)
+    with pytest.raises(ValueError, match="without text_dim"):
+        History(tiny(), noise_schedule(), "v", 10, text=words)
 
 
 def test_a_denoising_step_trains_and_commits_stay_detached():

@@ -160,3 +160,21 @@ def test_cli_make_shards(videos, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "2 videos read, 1 samples written to 1 shards, 1 skipped" in out
     assert "broken.mp4: unreadable" in out
+
+
+def test_captions_from_sidecars_and_the_labels_csv(videos, tmp_path):
+    """A sidecar's `caption` wins over the CSV's column, as every sidecar field does; a blank CSV cell is no
+    caption; a caption that is not text skips its video with the reason."""
+    for name in "a.mp4", "b.mp4", "c.mkv":
+        (tmp_path / name).write_bytes((videos.root / name).read_bytes())
+    (tmp_path / "a.json").write_text(json.dumps({"caption": "a red ball falls"}))
+    csv = "path,caption\na.mp4,from the csv\nb.mp4,two balls collide\nc.mkv,\n"
+    (tmp_path / "labels.csv").write_text(csv)
+    summary = make_shards([tmp_path], tmp_path / "out", labels=tmp_path / "labels.csv")
+    records = {Path(r["source"]).name: r for r in (json.loads(s["json"]) for s in samples_of(summary.shards))}
+    assert records["a.mp4"]["caption"] == "a red ball falls"
+    assert records["b.mp4"]["caption"] == "two balls collide"
+    assert "caption" not in records["c.mkv"]
+    (tmp_path / "b.json").write_text(json.dumps({"caption": ["two", "captions"]}))
+    summary = make_shards([tmp_path / "b.mp4"], tmp_path / "out2")
+    assert summary.samples == 0 and "caption is list, not text" in summary.skipped[0][1]

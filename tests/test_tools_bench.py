@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from dforce.model import CausalVideoTransformer
+from dforce.wan import CausalWan
 
 BENCH = Path(__file__).parent.parent / "tools/bench.py"
 
@@ -87,6 +88,34 @@ def test_train_flops_are_counted_as_the_yardstick_counts_them():
     linear = 2 * 4 * tokens * 4 * (3 + 1 + 8 + 6) * d * d
     attention = 4 * 4 * 4 * tokens * tokens * d * (frames + 1) / (2 * frames)
     assert module.useful_flops(model, batch=4) == linear + attention
+
+
+def test_wan_flops_count_its_own_linears():
+    """Wan's block: self-attention 4 d^2, cross-attention's query and output 2 d^2, FFN 2 d ffn_dim."""
+    spec = importlib.util.spec_from_file_location("bench", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    shape = dict(in_channels=3, sample_size=32, patch_size=4, num_layers=4, num_attention_heads=4,
+                 attention_head_dim=64)  # fmt: skip
+    section = module.wan_section(shape)
+    model = CausalWan(transformer_config=section["config"], num_frames=8, sample_size=(32, 32))
+    d, tokens, frames = 256, 512, 8
+    linear = 2 * 4 * tokens * 4 * (6 + 8) * d * d
+    attention = 4 * 4 * 4 * tokens * tokens * d * (frames + 1) / (2 * frames)
+    assert module.useful_flops(model, batch=4) == linear + attention
+
+
+def test_train_and_rollout_benchmarks_take_the_wan_backbone():
+    options = ["--backbone", "wan", *TINY, "--steps", "1", "--repeat", "1", "--no-yardstick", "--json"]
+    figures = [json.loads(line) for line in bench("train", *options).splitlines()]
+    assert [f["figure"] for f in figures][:2] == ["parameters", "step time"]
+    assert all(f["backbone"] == "wan" for f in figures) and figures[1]["value"] > 0
+    options = ["--at", "2", "3", "--batch", "1", "--steps", "1", "--measure", "1", "--repeat", "1"]
+    figures = [
+        json.loads(line)
+        for line in bench("rollout", "--backbone", "wan", *options, "--horizons", "4", "--json").splitlines()
+    ]
+    assert len(figures) == 6 and all(f["backbone"] == "wan" and f["value"] > 0 for f in figures)
 
 
 def test_memory_benchmark_checkpointing_lowers_the_peak():

@@ -3,6 +3,7 @@
     python tools/bench.py data                     # loader clips/s per worker vs plain decord
     python tools/bench.py data --sizes 64 --json   # machine-readable, with machine, torch and date
     python tools/bench.py train                    # the training step's useful TFLOP/s vs the yardstick's
+    python tools/bench.py train --backbone wan     # the same for a Wan transformer of the same shape
     python tools/bench.py memory                   # peak memory of a step, with and without checkpointing
     python tools/bench.py rollout                  # time per generated frame, KV-cached vs recomputed window
     python tools/bench.py vae                      # encode clips/s, decode ms/frame, decode memory vs length
@@ -36,7 +37,7 @@ import numpy as np
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from dforce.backbone import Backbone
+from dforce.backbone import Backbone, build_model
 from dforce.clips import DataConfig, resize_crop
 from dforce.config import Config, TrainConfig, model_kwargs
 from dforce.data import make_loader, to_float
@@ -56,6 +57,7 @@ from dforce.shards import ShardSink, encode_video
 from dforce.synthetic import bouncing_balls
 from dforce.trainer import Trainer
 from dforce.vae import decode, encode, load_vae
+from dforce.wan import CausalWan
 
 
 def machine() -> str:
@@ -204,15 +206,42 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def useful_flops(model: CausalVideoTransformer, batch: int) -> float:
-    """Forward FLOPs counted as the yardstick counts them: the block linears per token (its per-token
-    adaLN modulation included, which this model computes once per frame), and the block-causal part of
-    attention."""
-    config = model.config
-    d, frames = config.num_attention_heads * config.attention_head_dim, config.num_frames
-    tokens = frames * model.grid[0] * model.grid[1]
-    linears = config.num_layers * 18 * d * d  # qkv 3, out 1, MLP 8, modulation 6 (x d^2)
-    attention = config.num_layers * 4 * batch * tokens**2 * d * (frames + 1) / (2 * frames)
+def wan_section(shape: dict[str, int]) -> dict:
+    """The `model` section of `backbone: wan` at a shape of ours (`--backbone wan`): a random
+    WanTransformer3DModel of the same width, heads, depth and patch, its FFN 4d as our MLP, no text (one
+    zero token to cross-attend)."""
+    d, side = shape["num_attention_heads"] * shape["attention_head_dim"], shape["sample_size"]
+    config = {key: shape[key] for key in ("num_attention_heads", "attention_head_dim", "num_layers")}
+    config |= dict(patch_size=(1, shape["patch_size"], shape["patch_size"]), ffn_dim=4 * d, text_dim=64)
+    config |= dict(in_channels=shape["in_channels"], out_channels=shape["in_channels"])
+    return {"backbone": "wan", "sample_size": (side, side), "text": False, "config": config}
+
+
+def model_shape(model: Backbone) -> dict[str, int]:
+    """Width d, heads h, layers, frames and tokens per frame (tpf) of either backbone, as the yardstick
+    names them."""
+    config = model.transformer.config if isinstance(model, CausalWan) else model.config
+    return dict(
+        d=config.num_attention_heads * config.attention_head_dim,
+        h=config.num_attention_heads,
+        layers=config.num_layers,
+        frames=model.horizon,
+        tpf=model.grid[0] * model.grid[1],
+    )
+
+
+def useful_flops(model: Backbone, batch: int) -> float:
+    """Forward FLOPs counted as the yardstick counts them: the block linears per token (ours: its
+    per-token adaLN modulation included, which this model computes once per frame; Wan: its own linears,
+    whose modulation is per frame), and the block-causal part of attention."""
+    shape = model_shape(model)
+    d, frames, layers = shape["d"], shape["frames"], shape["layers"]
+    tokens = frames * shape["tpf"]
+    if isinstance(model, CausalWan):  # self-attention 4, cross-attention's q and out 2, FFN 2 ffn/d (x d^2)
+        linears = layers * (6 * d * d + 2 * d * model.transformer.config.ffn_dim)
+    else:
+        linears = layers * 18 * d * d  # qkv 3, out 1, MLP 8, modulation 6 (x d^2)
+    attention = layers * 4 * batch * tokens**2 * d * (frames + 1) / (2 * frames)
     return 2 * batch * tokens * linears + attention
 
 
@@ -223,6 +252,9 @@ def bench_config(args: argparse.Namespace, device: torch.device, checkpointing: 
     shape, batch, precision = TRAIN_SHAPES[device.type]
     model = {**shape, **dict(item.split("=", 1) for item in args.model)}
     model = {key: int(value) for key, value in model.items()}
+    frames = model.pop("num_frames")
+    if getattr(args, "backbone", "dforce") == "wan":
+        model = wan_section(model)
     train = TrainConfig(
         max_steps=1,
         checkpoint_every=1,
@@ -232,7 +264,7 @@ def bench_config(args: argparse.Namespace, device: torch.device, checkpointing: 
         compile=args.compile,
         trackers=[],
     )
-    data = DataConfig(shards=[], clip_frames=model.pop("num_frames"))
+    data = DataConfig(shards=[], clip_frames=frames)
     return Config(output_dir="", seed=0, train=train, data=data, model=model)
 
 
@@ -276,23 +308,14 @@ def load_yardstick(clock: Callable[[], float]) -> types.ModuleType | None:
 
 
 def yardstick_variants(
-    model: CausalVideoTransformer, batch: int, bf16: bool, device: torch.device, args: argparse.Namespace
+    model: Backbone, batch: int, bf16: bool, device: torch.device, args: argparse.Namespace
 ) -> dict[str, Callable[[], tuple[float, float]]]:
     """The yardstick's variants as its main runs them, at this model's shape: name -> () -> (ms per
     step, its useful TFLOP/s)."""
     yardstick = load_yardstick(CLOCKS[args.clock]) if args.yardstick else None
     if yardstick is None:
         return {}
-    config = model.config
-    shape = dict(
-        d=config.num_attention_heads * config.attention_head_dim,
-        h=config.num_attention_heads,
-        layers=config.num_layers,
-        frames=config.num_frames,
-        tpf=model.grid[0] * model.grid[1],
-        batch=batch,
-        dtype="bfloat16" if bf16 else "float32",
-    )
+    shape = model_shape(model) | dict(batch=batch, dtype="bfloat16" if bf16 else "float32")
     return {
         f"{mode}{' compiled' if compiled else ''}": functools.partial(
             yardstick.run, device.type, **shape, mode=mode, compile_=compiled, steps=args.steps
@@ -309,8 +332,7 @@ def bench_train(args: argparse.Namespace) -> list[dict]:
     config = bench_config(args, device)
     step, model = training_step(config, device)
     batch = config.train.batch_size
-    side = [g * model.config.patch_size for g in model.grid]
-    sample = torch.randn(batch, model.config.num_frames, model.config.in_channels, *side, device=device)
+    sample = torch.randn(batch, model.horizon, *model.frame_shape, device=device)
     timesteps = torch.randint(0, 1000, sample.shape[:2], device=device)
     bf16 = config.train.mixed_precision == "bf16"
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=bf16)
@@ -347,7 +369,12 @@ def bench_train(args: argparse.Namespace) -> list[dict]:
                 best[name] = min(best.get(name, (float("inf"),)), run())
             except Exception as error:  # as the yardstick does: one failing variant does not hide the rest
                 failed[name] = type(error).__name__
-    common = {"device": device.type, "batch": batch, "dtype": "bf16" if bf16 else "fp32"}
+    common = {
+        "backbone": args.backbone,
+        "device": device.type,
+        "batch": batch,
+        "dtype": "bf16" if bf16 else "fp32",
+    }
     flops = 3 * useful_flops(model, batch)
     params = sum(p.numel() for p in model.parameters())
     figures = [{"figure": "parameters", "value": params / 1e6, "unit": "M", **common}]
@@ -467,14 +494,14 @@ ROLLOUT_SHAPE = dict(
 
 @torch.no_grad()
 def frame_seconds(
-    model: CausalVideoTransformer, use_cache: bool, prefill: int, args: argparse.Namespace, batch: int
+    model: Backbone, use_cache: bool, prefill: int, args: argparse.Namespace, batch: int
 ) -> float:
     """Seconds per frame of an autoregressive rollout after `prefill` frames of history (written a frame at a
     time, as a rollout writes them, untimed)."""
     schedule = NoiseSchedule.from_name("cosine", 1000)
     matrix, window = chunk_schedule(model, schedule.levels, "autoregressive", args.steps)
     history = History(model, schedule, "v", window, use_cache=use_cache)
-    shape = (batch, 1, model.config.in_channels, *(g * model.config.patch_size for g in model.grid))
+    shape = (batch, 1, *model.frame_shape)
     for _ in range(prefill):
         history.commit(torch.randn(shape, device=model.device))
     clock = CLOCKS[args.clock]
@@ -491,10 +518,12 @@ def bench_rollout(args: argparse.Namespace) -> list[dict]:
     figures = []
     for horizon in args.horizons or [16, max(args.at) + args.measure]:
         torch.manual_seed(0)
-        model = CausalVideoTransformer(**ROLLOUT_SHAPE, num_frames=horizon).to(device).eval()
+        section = wan_section(ROLLOUT_SHAPE) if args.backbone == "wan" else ROLLOUT_SHAPE
+        model = build_model({**section, "num_frames": horizon}).to(device).eval()
         for batch in args.batch:
             for mode in "cached", "recompute":
-                common = {"horizon": horizon, "mode": mode, "batch": batch, "steps": args.steps}
+                common = {"backbone": args.backbone, "horizon": horizon, "mode": mode, "batch": batch}
+                common["steps"] = args.steps
                 frame_seconds(model, mode == "cached", min(args.at), args, batch)  # warm-up
                 seconds = {}
                 for at in args.at:
@@ -777,6 +806,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     vae.add_argument("--repeat", type=int, default=2, help="timed runs; the fastest counts")
     vae.set_defaults(run=bench_vae)
+    for command in train, rollout:
+        command.add_argument(
+            "--backbone",
+            choices=["dforce", "wan"],
+            default="dforce",
+            help="ours, or a random WanTransformer3DModel of the same shape (`model.backbone: wan`)",
+        )
     for command in train, memory, rollout, vae:
         command.add_argument(
             "--threads", type=int, default=None, help="torch threads (default: torch's, one per core)"

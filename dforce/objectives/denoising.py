@@ -11,6 +11,7 @@ from dforce.backbone import build_model
 from dforce.config import Config, model_kwargs
 from dforce.engine import Meter, make_optimizer, optimizer_step, step_seed, trainable
 from dforce.loss import make_loss
+from dforce.text import Text
 
 if TYPE_CHECKING:
     from dforce.trainer import Trainer
@@ -50,6 +51,7 @@ class Denoising:
                     seed=step_seed(self.config.seed, step, trainer.rank, micro),
                     labels=batch.get("label"),
                     actions=batch.get("actions"),
+                    text=Text.of(batch),
                 )
                 trainer.accelerator.backward(out.loss)
             self.meter.add(out, batch["skipped"])

@@ -26,11 +26,12 @@ from torch import Tensor, nn
 
 from dforce.backbone import Backbone
 from dforce.config import Config, ConfigError, SelfForcingConfig
-from dforce.history import History
+from dforce.history import History, guidance_branches
 from dforce.loss import DenoisingLoss
 from dforce.noise import NoiseSchedule
 from dforce.rollout import chunk_schedule, generate
 from dforce.sampler import Sampler
+from dforce.text import Text
 from dforce.trajectory import get_weighting
 
 PLAN = 1  # seed key of the draws every process shares: exit steps and the loss window
@@ -71,6 +72,10 @@ class SelfForcing:
                 f"self_forcing.rollout_frames={self.total} must be whole blocks of {self.block}, at least "
                 f"the horizon {self.horizon} and more than context_frames={sf.context_frames}"
             )
+        if sf.text_guidance != 1 and net.text_dim is None:
+            raise ConfigError(
+                "self_forcing.text_guidance: the teacher reads no text (built without text_dim)"
+            )
         if config.data.clip_frames != self.horizon:
             raise ConfigError(
                 f"data.clip_frames={config.data.clip_frames} must be the teacher's horizon {self.horizon}"
@@ -90,14 +95,16 @@ class SelfForcing:
             level_range=(sf.min_level, sf.max_level),
         )
 
-    def history(self, model: nn.Module, labels: Tensor | None, actions: Tensor | None) -> History:
+    def history(self, model: nn.Module, batch: dict) -> History:
+        """A rollout's history for the batch's clips: their labels, actions and text."""
         return History(
             model,
             self.schedule,
             self.parameterization,
             self.window,
-            labels=labels,
-            actions=actions,
+            labels=batch.get("label"),
+            actions=batch.get("actions"),
+            text=Text.of(batch),
             context_noise=self.sf.context_noise,
             sink=self.sf.sink,
         )
@@ -107,7 +114,7 @@ class SelfForcing:
         steps' graphs (when gradients are enabled) for the generated blocks inside it."""
         video = batch["video"]  # [B, T, C, H, W] float on the device
         context = video[:, : self.sf.context_frames]
-        history = self.history(model, batch.get("label"), batch.get("actions"))
+        history = self.history(model, batch)
         generator = torch.Generator(video.device).manual_seed(seed)
         if len(context[0]):
             history.commit(context, generator)
@@ -137,16 +144,25 @@ class SelfForcing:
     ) -> tuple[Tensor, Tensor]:
         """The generator's loss on a window clip [B, T, C, H, W] whose first `real` frames are data: a
         regression whose gradient in `clip` is the normalised score difference; -> (loss, mean |grad|)."""
-        labels, actions = batch.get("label"), batch.get("actions")
+        labels, actions, text = batch.get("label"), batch.get("actions"), Text.of(batch)
         with torch.no_grad():
-            state = self.loss.draw(clip.detach(), seed, labels, actions)
+            state = self.loss.draw(clip.detach(), seed, labels, actions, text=text)
             x_t, levels = state.inputs["sample"], state.levels
-            teacher_pred = teacher(**state.inputs).float()
-            if self.sf.guidance != 1:
-                unconditional = self.loss.draw(clip.detach(), seed, labels, actions, drop_history=True)
-                teacher_pred = teacher_pred + (self.sf.guidance - 1) * (
-                    teacher_pred - teacher(**unconditional.inputs).float()
-                )
+            # The teacher's guidance (`History`'s rule): over the history (pure noise) and the text.
+            branches, weights = guidance_branches(
+                {"history": self.sf.guidance, "text": self.sf.text_guidance}
+            )
+            inputs = {None: state.inputs}
+            if "history" in branches:
+                inputs["history"] = self.loss.draw(
+                    clip.detach(), seed, labels, actions, drop_history=True, text=text
+                ).inputs
+            if "text" in branches:
+                inputs["text"] = {**state.inputs, **text.null().kwargs()}
+            teacher_pred = sum(
+                weight * teacher(**inputs[branch]).float()
+                for branch, weight in zip(branches, weights, strict=True)
+            )
             x0_real = self.schedule.to_x0_eps(teacher_pred, x_t.float(), levels, self.parameterization)[0]
             x0_fake = self.schedule.to_x0_eps(
                 critic(**state.inputs).float(), x_t.float(), levels, self.parameterization

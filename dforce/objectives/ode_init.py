@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from dforce.objectives.dmd import SelfForcing
 from dforce.rollout import denoise_step
+from dforce.text import Text
 
 
 def ode_pairs(core: SelfForcing, teacher: nn.Module, batch: dict, seed: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -21,7 +22,7 @@ def ode_pairs(core: SelfForcing, teacher: nn.Module, batch: dict, seed: int) -> 
     coarse = core.matrix[:-1, 0]  # [S] the generator's levels, from K down
     fine = torch.linspace(core.schedule.levels, 0, sf.ode_sampling_steps + 1).round().long()
     path = torch.cat([coarse, fine]).unique().flip(0)  # [P] descending, K ... 0
-    history = core.history(teacher, batch.get("label"), batch.get("actions"))
+    history = core.history(teacher, batch)
     generator = torch.Generator(video.device).manual_seed(seed)
     if len(context[0]):
         history.commit(context, generator)
@@ -61,6 +62,7 @@ def ode_regression(
         torch.randn(clip.shape, generator=torch.Generator(clip.device).manual_seed(seed), device=clip.device),
         context_levels,
     )
+    text = Text.of(batch)
     pred = generator(
         x,
         core.schedule.timesteps(frame_levels),
@@ -68,6 +70,7 @@ def ode_regression(
         actions=batch.get("actions"),
         context=context,
         context_timesteps=core.schedule.timesteps(context_levels),
+        **({} if text is None else text.kwargs()),
     )
     x0 = core.schedule.to_x0_eps(pred.float(), x.float(), frame_levels, core.parameterization)[0]
     error = (x0 - clip.float()).square().mean(dim=(2, 3, 4))[:, core.sf.context_frames :]  # [B, generated]

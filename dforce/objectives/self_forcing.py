@@ -4,8 +4,11 @@ One step: `gradient_accumulation` generator micro-steps (rollout, then the distr
 `dforce.objectives.dmd`), then `critic_steps` critic updates (the first on the generator's own clips, the
 others on fresh rollouts). With `init: ode` the first `ode_steps` steps regress the generator onto the
 teacher's many-step samples instead (`dforce.objectives.ode_init`). The generator and the critic start as
-copies of the teacher; checkpoints hold all three models, both optimisers and the counters, and the loop
-exports the generator's EMA.
+copies of the teacher, or under `train.lora` as the teacher with an adapter each: three module trees over
+one copy of the teacher's frozen weights (`dforce.lora.share_base`), each prepared as a model of its own
+(switching adapters on one module would fight DDP's fixed parameter set and activation checkpointing's
+recompute). Checkpoints hold all three models, both optimisers and the counters, and the loop exports the
+generator's EMA.
 """
 
 from __future__ import annotations
@@ -20,8 +23,10 @@ from dforce.backbone import load_model
 from dforce.config import Config, ConfigError
 from dforce.engine import Meter, make_optimizer, optimizer_step, step_seed, trainable
 from dforce.latents import LatentSpace
+from dforce.lora import merge_lora, share_base
 from dforce.objectives.dmd import PLAN, SelfForcing, plan_rollout
 from dforce.objectives.ode_init import ode_regression
+from dforce.text import Text
 
 if TYPE_CHECKING:
     from dforce.trainer import Trainer
@@ -50,6 +55,7 @@ class SelfForcingObjective:
                 f"self_forcing.teacher: {sf.teacher} was trained on {kinds[0]}, data.shards hold {kinds[1]}"
             )
         teacher, noise = load_model(sf.teacher)
+        teacher = merge_lora(teacher)  # a LoRA-trained teacher as a plain model
         self.config = config = dataclasses.replace(config, noise=noise)  # exported with the generator
         self.trainer, accelerator, device = trainer, trainer.accelerator, trainer.device
         self.schedule = noise.build().to(device)
@@ -57,7 +63,12 @@ class SelfForcingObjective:
 
         teacher.requires_grad_(False)
         teacher.attention_backend = cfg.attention_backend
-        generator, critic = (trainable(load_model(sf.teacher)[0].train(), cfg, device) for _ in range(2))
+        if cfg.lora is None:
+            starts = [merge_lora(load_model(sf.teacher)[0]) for _ in range(2)]
+        else:
+            torch.manual_seed(config.seed)  # the adapters' first weights, alike on every process
+            starts = [share_base(teacher) for _ in range(2)]
+        generator, critic = (trainable(net.train(), cfg, device) for net in starts)
         self.ode_steps = sf.ode_steps if sf.init == "ode" else 0  # the ODE regression comes first
         self.steps = cfg.max_steps + self.ode_steps
         (g_opt, g_sched), (c_opt, c_sched) = (
@@ -119,7 +130,9 @@ class SelfForcingObjective:
                     with torch.no_grad():
                         clip = core.rollout(self.model, batch, seed, plan)
                 with accelerator.accumulate(self.critic):
-                    out = core.loss(self.critic, clip, seed, batch.get("label"), batch.get("actions"))
+                    out = core.loss(
+                        self.critic, clip, seed, batch.get("label"), batch.get("actions"), Text.of(batch)
+                    )
                     accelerator.backward(out.loss)
                 self.meter.add(out, batch["skipped"])
             self.critic_norm = optimizer_step(
