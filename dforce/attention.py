@@ -25,13 +25,15 @@ from __future__ import annotations
 
 import functools
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
+T = TypeVar("T")
 Backend = Literal["auto", "sdpa", "flex"]
 BACKENDS = ("auto", "sdpa", "flex")
 
@@ -151,6 +153,25 @@ def attend(
         return flex_attention(q, k, v, block_mask=mask)
 
 
+@dataclass(frozen=True)
+class Past:
+    """One layer's cached keys and values for one forward (`KVCache.past`); no cache: `Past()`."""
+
+    kv: tuple[torch.Tensor, torch.Tensor] | None = None  # keys, values [B, H, L', d]
+    in_place: bool = False  # `kv` is the cache's buffer ending in room for this call's keys and values
+
+    def join(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The keys and values to attend to: the cached ones, then this call's k, v [B, H, L, d] (written
+        into the room in place, or concatenated)."""
+        if self.kv is None:
+            return k, v
+        if not self.in_place:
+            return torch.cat([self.kv[0], k], dim=2), torch.cat([self.kv[1], v], dim=2)
+        keys, values = self.kv
+        keys[:, :, -k.shape[2] :], values[:, :, -v.shape[2] :] = k, v
+        return keys, values
+
+
 class KVCache:
     """Keys and values of finished frames, per layer, in a window of at most `max_frames` frames.
 
@@ -169,6 +190,8 @@ class KVCache:
     that of the oldest frame the window can still drop (the oldest cached frame after the sink). A forward
     with `update_cache=True` stages each layer's keys and values, then `advance` commits them and drops
     the oldest blocks after the sink. Views from `get` and `room` are valid until the next `advance`.
+    A layer reads the cache through `past` (every backbone the same way); `cross` keeps what does not
+    change with the frames, the cross-attention keys and values of a rollout's text.
     """
 
     def __init__(self, max_frames: int, frames_per_block: int = 1, sink_frames: int = 0) -> None:
@@ -187,6 +210,8 @@ class KVCache:
         self.frames = 0  # cached frames, the sink included
         self.tokens = 0  # cached tokens in each layer
         self.end = 0
+        self.cross_source: torch.Tensor | None = None  # what `cross_values` were made from
+        self.cross_values: Any = None
 
     @property
     def start(self) -> int:
@@ -255,8 +280,30 @@ class KVCache:
             self.frames -= drop
             self.tokens -= shift
 
+    def past(self, layer: int, batch: int, tokens: int, checkpointing: bool = False) -> Past:
+        """What a layer's attention reads of the cache in a forward of `tokens` new tokens. Without grad,
+        the buffer with room for them, which they are written into (no copy of the cache). With grad, the
+        cached ones to concatenate to, so the graph holds its own copy, not the buffer that later writes
+        change (copied here too under gradient `checkpointing`, whose backward reruns the layer)."""
+        if not torch.is_grad_enabled():
+            room = self.room(layer, batch, tokens)
+            return Past(room, in_place=room is not None)
+        cached = self.get(layer)
+        if cached is not None and checkpointing:
+            cached = (cached[0].clone(), cached[1].clone())
+        return Past(cached)
+
+    def cross(self, source: torch.Tensor, make: Callable[[], T]) -> T:
+        """The cross-attention keys and values (whatever `make()` builds from `source` alone) for as long as
+        the same tensor `source` comes back: a rollout's text, fixed while its frames grow, is projected
+        once, not at every forward. For forwards without grad: what is kept holds no graph."""
+        if source is not self.cross_source:
+            self.cross_source, self.cross_values = source, make()
+        return self.cross_values
+
     def reset(self) -> None:
         self.keys.clear()
         self.values.clear()
         self.heads.clear()
         self.frames = self.tokens = self.end = 0
+        self.cross_source = self.cross_values = None

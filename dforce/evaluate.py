@@ -5,7 +5,8 @@ A rollout continues each clip from its first `context_frames` frames; every gene
 against the real one (`dforce.metrics`: MSE, PSNR, SSIM; for bouncing balls, the distance of each ball,
 found by its colour, from the recorded physics, and whether all balls are found). Frame index t counts
 from the clip's first frame, so t < horizon (the model's `num_frames`) lies inside the training horizon.
-Scores are averaged over clips per frame index (PSNR as the mean of each frame's dB).
+Scores are averaged over clips per frame index (PSNR as the mean of each frame's dB). A model that reads
+text is given each clip's own (the shards' `text.npy`, `dforce encode-text`), in rollouts and likelihoods.
 
 The likelihoods score the first horizon frames of each clip (`dforce.likelihood`): the ELBO along the
 path the rollout itself takes (its scheduling matrix at one-level resolution, chunk after chunk), and,
@@ -38,6 +39,7 @@ from dforce.noise import NoiseConfig
 from dforce.plots import plot_curves
 from dforce.reading import read_samples
 from dforce.rollout import chunk_schedule, rollout, truncate
+from dforce.text import MASK, STATES, Text
 from dforce.trajectory import get_weighting
 from dforce.vae import Decoder
 
@@ -62,6 +64,7 @@ class Clips:
     balls: list[dict[str, Tensor]] | None  # per clip: states [P, n, 2] in pixel frames, colors, radius
     labels: Tensor | None = None  # [N]
     actions: Tensor | None = None  # [N, T, A]
+    text: Text | None = None  # [N, L, D], [N, L]: the clips' text (`dforce encode-text`)
     space: LatentSpace | None = None  # the latents' (None: pixels)
     pixels: Tensor | None = None  # [N, P, C, H, W] the decoded latents (None: `video` is pixels)
     original: Tensor | None = None  # [N, P, C, H, W] the stored video, for latents
@@ -106,7 +109,7 @@ def read_clips(
     space = None if decoder is None else decoder.space
     config = DataConfig(shards=shards, clip_frames=frames, clip_start=0, size=size, shuffle=False)
     rng = np.random.default_rng(0)  # unused: clips start at frame 0 and are centre-cropped
-    videos, decoded, balls, labels, actions, originals = [], [], [], [], [], []
+    videos, decoded, balls, labels, actions, originals, texts = [], [], [], [], [], [], []
     for sample in read_samples(shards):
         if len(videos) == count:
             break
@@ -139,6 +142,7 @@ def read_clips(
             balls.append(None)
         labels.append(clip.get("label"))
         actions.append(clip.get("actions"))
+        texts.append((clip[STATES], clip[MASK]) if STATES in clip else None)
     if len(videos) < count:
         raise ValueError(f"{shards}: {len(videos)} samples, fewer than the {count} clips asked for")
     video = torch.stack(videos)
@@ -147,6 +151,11 @@ def read_clips(
         balls=balls if all(b is not None for b in balls) else None,
         labels=torch.stack(labels) if all(x is not None for x in labels) else None,
         actions=torch.stack(actions) if all(x is not None for x in actions) else None,
+        text=(
+            Text(torch.stack([s for s, _ in texts]), torch.stack([m for _, m in texts]))
+            if all(x is not None for x in texts)
+            else None
+        ),
         space=space,
         pixels=None if decoder is None else torch.stack(decoded),  # decoded once, above
         original=torch.stack(originals) if space is not None and len(originals) == count else None,
@@ -178,15 +187,19 @@ class EvalSettings:
         return {k: getattr(self, k) for k in keys if getattr(self, k) is not None}
 
 
-def _batches(clips: Clips, size: int):
+def _batches(clips: Clips, size: int, model: Backbone):
+    """(clips picked, their video [B, T, C, H, W], what the model reads of them on its device: labels [B],
+    actions [B, T, A], and text if the model reads text) per batch of `size` clips."""
+    device = model.device
+    text = clips.text if model.text_dim is not None else None
     for start in range(0, len(clips.video), size):
         part = slice(start, start + size)
-        yield (
-            part,
-            clips.video[part],
-            None if clips.labels is None else clips.labels[part],
-            None if clips.actions is None else clips.actions[part],
-        )
+        conditions = {
+            "labels": None if clips.labels is None else clips.labels[part].to(device),
+            "actions": None if clips.actions is None else clips.actions[part].to(device),
+            "text": None if text is None else Text(text.states[part], text.mask[part]).to(device),
+        }
+        yield part, clips.video[part], conditions
 
 
 def _mean(values: Tensor) -> float:
@@ -251,7 +264,7 @@ def rollout_scores(
     generator = torch.Generator(device).manual_seed(settings.seed)
     scores: dict[str, list[Tensor]] = {}
     seconds = 0.0
-    for part, real, labels, actions in _batches(clips, settings.batch_size):
+    for part, real, conditions in _batches(clips, settings.batch_size, model):
         start = time.perf_counter()
         fake = rollout(
             model,
@@ -263,9 +276,8 @@ def rollout_scores(
             steps=settings.steps,
             sampler=settings.sampler,
             context_noise=settings.context_noise,
-            labels=None if labels is None else labels.to(device),
-            actions=None if actions is None else actions.to(device),
             generator=generator,
+            **conditions,
             **settings.schedule_options(),
         ).cpu()  # [B, T, C, H, W], the context included; the copy waits for the device
         seconds += time.perf_counter() - start
@@ -311,12 +323,8 @@ def likelihoods(model: Backbone, noise: NoiseConfig, clips: Clips, settings: Eva
     schedule, device = noise.build(), model.device
     weighting = get_weighting("schedule", horizon, levels, schedule=rollout_path(model, levels, settings))
     parts: dict[str, list[NLL]] = {}
-    for _, real, labels, actions in _batches(clips, settings.batch_size):
-        x0 = real[:, :horizon].to(device)
-        extra = {
-            "labels": None if labels is None else labels.to(device),
-            "actions": None if actions is None else actions[:, :horizon].to(device),
-        }
+    for _, real, extra in _batches(clips, settings.batch_size, model):
+        x0 = real[:, :horizon].to(device)  # the likelihoods cut actions to its frames
         if settings.elbo_draws:
             draws, seed = settings.elbo_draws, settings.seed
             nll = elbo(

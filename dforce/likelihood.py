@@ -23,6 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from dforce.noise import NoiseSchedule
+from dforce.text import Text
 from dforce.trajectory import Schedule, Weighting
 
 PROBES = ("rademacher", "gaussian")
@@ -96,6 +97,19 @@ def _draw_states(
     return matrix[rows], drop / (weighting.decrements * proposal[rows, None])
 
 
+def _conditions(
+    labels: Tensor | None, actions: Tensor | None, text: Text | None, frames: int, repeats: int = 1
+) -> dict[str, Tensor | None]:
+    """The model's keyword arguments besides the frames, for the first `frames` frames: labels [B],
+    actions [B, T, A], the text; each clip's `repeats` times in a row."""
+    conditions = {"labels": labels, "actions": None if actions is None else actions[:, :frames]}
+    conditions |= {} if text is None else text.kwargs()
+    return {
+        key: None if value is None else value.repeat_interleave(repeats, dim=0)
+        for key, value in conditions.items()
+    }
+
+
 @torch.no_grad()
 def elbo(
     model: nn.Module,
@@ -108,13 +122,14 @@ def elbo(
     seed: int = 0,
     labels: Tensor | None = None,
     actions: Tensor | None = None,
+    text: Text | None = None,
 ) -> NLL:
     """The DDPM bound -ELBO >= -log p(x0) of clips x0 [B, T, C, H, W] along `weighting`'s paths.
 
     Each clip is scored at `draws` states with fresh noise, from `seed` (the same for every model, so
     that models are compared on the same draws). The states of a scheduling-matrix weighting (a path of
     rows, as a rollout takes) are drawn by importance (`_row_proposal`); others from the weighting.
-    labels [B], actions [B, T, A] if the model takes them.
+    labels [B], actions [B, T, A], text (of the B clips) if the model takes them.
     """
     if x0.shape[1] != weighting.frames:
         raise ValueError(f"clips have {x0.shape[1]} frames, the weighting {weighting!r} {weighting.frames}")
@@ -127,13 +142,14 @@ def elbo(
     generator = torch.Generator().manual_seed(seed)  # states, on the CPU like the weightings' draws
     noise_generator = torch.Generator(device).manual_seed(seed)
     constant = schedule.elbo_constant(x0).sum(dim=1)  # [B]
+    conditions = _conditions(labels, actions, text, x0.shape[1])
     samples = []
     for _ in range(draws):
         levels, weights = _draw_states(weighting, len(x0), generator, proposal)
         levels, weights = levels.to(device), weights.to(device)  # [B, T] each
         noise = torch.randn(x0.shape, generator=noise_generator, device=device, dtype=x0.dtype)
         x_t = schedule.add_noise(x0, noise, levels)
-        pred = model(x_t, schedule.timesteps(levels), labels=labels, actions=actions)  # [B, T, C, H, W]
+        pred = model(x_t, schedule.timesteps(levels), **conditions)  # [B, T, C, H, W]
         target = schedule.target(x0, noise, levels, parameterization)
         error = (pred.double() - target.double()).square().sum(dim=(2, 3, 4))  # [B, T], summed over elements
         kl = weights.double() * schedule.loss_weight("elbo", levels, parameterization) * error
@@ -167,6 +183,7 @@ def ode_nll(
     seed: int = 0,
     labels: Tensor | None = None,
     actions: Tensor | None = None,
+    text: Text | None = None,
 ) -> NLL:
     """-log p(x0) of clips x0 [B, T, C, H, W] under the probability-flow ODE, in nats, per clip.
 
@@ -175,7 +192,7 @@ def ode_nll(
     (a causal model needs nothing later). The ODE runs from level 1 (x_1 is taken to be x0, the usual
     small-time cut-off) to K on `ode_grid(schedule, steps)` with Heun's method; `probes` Hutchinson
     vectors per clip (rademacher or gaussian, fixed along each solve) give the estimate and its standard
-    error.
+    error. labels [B], actions [B, T, A], text (of the B clips) if the model takes them.
     """
     if probe not in PROBES:
         raise ValueError(f"probe must be one of {', '.join(PROBES)}, got {probe!r}")
@@ -191,9 +208,9 @@ def ode_nll(
     total = 0
     for start in starts:
         stop = start + block if path == "autoregressive" else frames
-        clip = x0[:, :stop]
+        clip, conditions = x0[:, :stop], _conditions(labels, actions, text, stop, probes)
         total = total + _ode_samples(
-            model, schedule, parameterization, clip, start, steps, probes, probe, generator, labels, actions
+            model, schedule, parameterization, clip, start, steps, probes, probe, generator, conditions
         )
     nats, sem = _mean_sem(-total)
     return NLL(nats=nats.cpu(), sem=sem.cpu(), dims=x0[0].numel())
@@ -209,10 +226,10 @@ def _ode_samples(
     probes: int,
     probe: str,
     generator: torch.Generator,
-    labels: Tensor | None,
-    actions: Tensor | None,
+    conditions: dict[str, Tensor | None],
 ) -> Tensor:
-    """log p(x0[:, context:] | x0[:, :context]) for each clip and probe: float64 [B, probes].
+    """log p(x0[:, context:] | x0[:, :context]) for each clip and probe: float64 [B, probes], the model
+    also given `conditions` (`_conditions`, each clip's repeated for its probes).
 
     Between two grid levels alpha and sigma are interpolated log-linearly in u (alpha linearly where it
     ends at 0), so each Heun step sees one smooth piece; the model is only asked at grid levels.
@@ -220,8 +237,6 @@ def _ode_samples(
     schedule = schedule.to(x0.device)
     x = x0.repeat_interleave(probes, dim=0)  # [B*P, T, C, H, W]
     past, y = x[:, :context], x[:, context:].clone()  # y: the frames that move
-    labels = None if labels is None else labels.repeat_interleave(probes, dim=0)
-    actions = None if actions is None else actions.repeat_interleave(probes, dim=0)
     if probe == "rademacher":
         z = torch.randint(0, 2, y.shape, generator=generator, device=y.device).to(y.dtype) * 2 - 1
     else:
@@ -236,7 +251,7 @@ def _ode_samples(
         with torch.enable_grad():
             y = y.detach().requires_grad_(True)
             timesteps = schedule.timesteps(torch.cat([past_levels, levels], dim=1))
-            pred = model(torch.cat([past, y], dim=1), timesteps, labels=labels, actions=actions)
+            pred = model(torch.cat([past, y], dim=1), timesteps, **conditions)
             x0_hat, _ = schedule.to_x0_eps(pred[:, context:], y, levels, parameterization)
             (vjp,) = torch.autograd.grad(x0_hat, y, z)
         c = d_alpha - d_sigma * a / s

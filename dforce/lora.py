@@ -33,6 +33,7 @@ PREFIX = "transformer"  # the component name diffusers' LoRA loaders expect befo
 DEFAULT_TARGETS: dict[str, tuple[str, ...]] = {
     "CausalVideoTransformer": ("qkv", "proj", "mlp.net.0.proj", "mlp.net.2"),
     "WanTransformer3DModel": ("to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"),
+    "SkyReelsV2Transformer3DModel": ("to_q", "to_k", "to_v", "to_out.0", "ffn.net.0.proj", "ffn.net.2"),
 }
 
 

@@ -1,16 +1,17 @@
 """The causal spatio-temporal transformer: noisy frames and their per-frame levels -> a prediction.
 
-It knows nothing of the noise process: `timesteps` are whatever numbers the loss passes (levels, or
-t * 1000), and what the output means (eps, x0, v, flow) is decided by the loss. Each frame's timestep
-(plus an optional clip label and per-frame action) modulates that frame's tokens through adaLN-Zero,
-which is what lets every frame sit at its own noise level. Attention is block-causal over frames with
-3-D rotary positions (time, height, width), so it depends on relative time and a rolling KV cache
-(`dforce.attention.KVCache`) is exact past the training horizon.
+It knows nothing of the noise process: `timesteps` are whatever numbers the loss passes (0..1000, see
+`dforce.noise.NoiseSchedule.timesteps`), and what the output means (eps, x0, v, flow) is decided by the
+loss. Each frame's timestep (plus an optional clip label and per-frame action) modulates that frame's
+tokens through adaLN-Zero, which is what lets every frame sit at its own noise level. Attention is
+block-causal over frames with 3-D rotary positions (time, height, width), so it depends on relative time
+and a rolling KV cache (`dforce.attention.KVCache`) is exact past the training horizon.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +30,7 @@ from einops import rearrange
 from torch import nn
 from torch.nn.attention.flex_attention import BlockMask
 
-from dforce.attention import Backend, KVCache, Layout, attend, attention_mask
+from dforce.attention import Backend, KVCache, Layout, Past, attend, attention_mask
 
 
 def _pair(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
@@ -74,6 +75,55 @@ def rotary_tables(
     return cos, sin
 
 
+def place_frames(
+    model: nn.Module,
+    sample: torch.Tensor,
+    timesteps: torch.Tensor,
+    cache: KVCache | None,
+    update_cache: bool,
+    frame_offset: int,
+) -> tuple[int, int]:
+    """A backbone's forward inputs checked against the model (its `frame_shape` and `horizon`) and the
+    cache: -> (frames cached, the position of the first new frame). ValueError naming what does not fit."""
+    batch, frames, *shape = sample.shape
+    if tuple(shape) != model.frame_shape:
+        raise ValueError(
+            f"sample {tuple(sample.shape)} does not match the model: (C, H, W) must be {model.frame_shape}"
+        )
+    if timesteps.shape != (batch, frames):
+        raise ValueError(f"timesteps {tuple(timesteps.shape)} must be [B, T] = {(batch, frames)}")
+    cached = 0 if cache is None else cache.frames
+    if cached + frames > model.horizon:
+        raise ValueError(
+            f"{cached} cached + {frames} new frames exceed the training horizon num_frames={model.horizon}"
+        )
+    if cache is not None:
+        if frame_offset:
+            raise ValueError("frame_offset is taken from the cache; pass one or the other")
+        return cached, cache.end
+    if update_cache:
+        raise ValueError("update_cache=True needs a cache")
+    return cached, frame_offset
+
+
+def teacher_layout(
+    sample: torch.Tensor,
+    timesteps: torch.Tensor,
+    context: torch.Tensor | None,
+    context_timesteps: torch.Tensor | None,
+    cache: KVCache | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """With `context` the teacher-forcing layout, context frames then the sample's: [B, 2T, C, H, W] and
+    [B, 2T] (context timesteps default 0); without, sample and timesteps as given."""
+    if context is None:
+        return sample, timesteps
+    if context.shape != sample.shape or cache is not None:
+        raise ValueError("context must have the shape of sample and cannot be combined with a cache")
+    if context_timesteps is None:
+        context_timesteps = torch.zeros_like(timesteps)
+    return torch.cat([context, sample], dim=1), torch.cat([context_timesteps, timesteps], dim=1)
+
+
 def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x [B, T, N, D]; shift, scale [B, T, D]: one modulation per frame, shared by its tokens."""
     return x * (1 + scale[:, :, None]) + shift[:, :, None]
@@ -94,17 +144,22 @@ class CrossAttention(nn.Module):
         self.k_norm = nn.RMSNorm(head_dim, eps=1e-6)
         self.proj = nn.Linear(heads * head_dim, dim)
 
+    def keys_values(self, text: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The text [B, L, D], projected to the model's width -> its keys and values [B, H, L, d]."""
+        k, v = rearrange(self.kv(text), "b l (two h d) -> two b h l d", two=2, h=self.heads)
+        return self.k_norm(k.float()).to(v.dtype), v
+
     def forward(
         self,
         x: torch.Tensor,  # [B, T, N, D]
-        text: torch.Tensor,  # [B, L, D], already projected to the model's width
+        text: torch.Tensor | tuple[torch.Tensor, torch.Tensor],  # projected [B, L, D], or `keys_values`
         mask: torch.Tensor,  # [B, L] bool, True = a real token
     ) -> torch.Tensor:
         """-> what the text adds to x, [B, T, N, D]."""
         frames = x.shape[1]
         q = rearrange(self.q(self.norm(x)), "b t n (h d) -> b h (t n) d", h=self.heads)
-        k, v = rearrange(self.kv(text), "b l (two h d) -> two b h l d", two=2, h=self.heads)
-        q, k = self.q_norm(q.float()).to(v.dtype), self.k_norm(k.float()).to(v.dtype)
+        k, v = self.keys_values(text) if isinstance(text, torch.Tensor) else text
+        q = self.q_norm(q.float()).to(v.dtype)
         present = mask.any(dim=1)  # [B]
         # A clip without tokens would attend to nothing (NaN): it attends to all, then gets zero.
         visible = (mask | ~present[:, None])[:, None, None]  # [B, 1, 1, L]
@@ -136,14 +191,11 @@ class TransformerBlock(nn.Module):
         cond: torch.Tensor,  # [B, T, D], already through SiLU
         rope: tuple[torch.Tensor, torch.Tensor],  # cos, sin [T * N, head_dim]
         mask: torch.Tensor | BlockMask | None,
-        past: tuple[torch.Tensor, torch.Tensor] | None = None,  # cached keys, values [B, H, L, d]
-        write_past: bool = False,
-        text: torch.Tensor | None = None,  # [B, L, D] projected text, None: no text
+        past: Past,  # the KV cache's keys and values before this call's (`Past()`: none)
+        text: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None = None,  # see `CrossAttention`
         text_mask: torch.Tensor | None = None,  # [B, L] bool
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """-> the new x, and this call's keys and values for the cache; no state is kept. With
-        `write_past`, `past` is a KV cache's buffer ending in room for this call's keys and values: they
-        are written there and attention reads the cache in place. Otherwise they are concatenated."""
+        """-> the new x, and this call's keys and values for the cache; no state is kept."""
         frames, tokens = x.shape[1], x.shape[2]
         shift1, scale1, gate1, shift2, scale2, gate2 = self.modulation(cond).chunk(6, dim=-1)  # [B, T, D]
 
@@ -151,14 +203,7 @@ class TransformerBlock(nn.Module):
         q, k, v = rearrange(self.qkv(h), "b t n (three h d) -> three b h (t n) d", three=3, h=self.heads)
         q = apply_rotary_emb(self.q_norm(q.float()), rope).to(v.dtype)  # norms in fp32 under autocast
         k = apply_rotary_emb(self.k_norm(k.float()), rope).to(v.dtype)
-        if past is None:
-            keys, values = k, v
-        elif write_past:
-            keys, values = past
-            keys[:, :, -k.shape[2] :], values[:, :, -v.shape[2] :] = k, v
-        else:
-            keys, values = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
-        h = attend(q, keys, values, mask)  # [B, H, T * N, d]
+        h = attend(q, *past.join(k, v), mask)  # [B, H, T * N, d]
         h = rearrange(h, "b h (t n) d -> b t n (h d)", t=frames, n=tokens)
         x = x + gate1[:, :, None] * self.proj(h)
         if text is not None:
@@ -168,7 +213,29 @@ class TransformerBlock(nn.Module):
         return x + gate2[:, :, None] * self.mlp(h), (k, v)
 
 
-class CausalVideoTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
+class BlockCausal:
+    """What every backbone's config gives alike (`num_frames`, `frames_per_block`): its horizon, its blocks
+    and its KV cache (`dforce.backbone.Backbone`)."""
+
+    config: Any
+
+    @property
+    def horizon(self) -> int:
+        return self.config.num_frames
+
+    @property
+    def frames_per_block(self) -> int:
+        return self.config.frames_per_block
+
+    def new_cache(self, max_frames: int | None = None, sink_frames: int = 0) -> KVCache:
+        """A KV cache whose window, with one block being denoised, stays within the training horizon;
+        `sink_frames` first frames are kept for good (see `KVCache`)."""
+        block = self.config.frames_per_block
+        window = self.config.num_frames - block if max_frames is None else max_frames
+        return KVCache(window, block, sink_frames)
+
+
+class CausalVideoTransformer(BlockCausal, ModelMixin, ConfigMixin, PeftAdapterMixin):
     """Denoiser for clips whose frames carry independent noise levels.
 
     forward(sample [B, T, C, H, W], timesteps [B, T]) -> [B, T, C_out, H, W], T up to `num_frames`.
@@ -181,6 +248,7 @@ class CausalVideoTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
     """
 
     _supports_gradient_checkpointing = True
+    _no_split_modules = ("TransformerBlock",)  # Accelerate's FSDP auto-wrap makes each block a unit
     _repeated_blocks = ("TransformerBlock",)  # regional compilation: `model.compile_repeated_blocks()`
 
     @register_to_config
@@ -251,14 +319,6 @@ class CausalVideoTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
             nn.init.zeros_(linear.weight)
 
     @property
-    def horizon(self) -> int:
-        return self.config.num_frames
-
-    @property
-    def frames_per_block(self) -> int:
-        return self.config.frames_per_block
-
-    @property
     def frame_shape(self) -> tuple[int, int, int]:
         return (self.config.in_channels, *(g * self.config.patch_size for g in self.grid))
 
@@ -269,30 +329,6 @@ class CausalVideoTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
     @property
     def text_dim(self) -> int | None:
         return self.config.text_dim
-
-    def new_cache(self, max_frames: int | None = None, sink_frames: int = 0) -> KVCache:
-        """A KV cache whose window, with one block being denoised, stays within the training horizon;
-        `sink_frames` first frames are kept for good (see `KVCache`)."""
-        block = self.config.frames_per_block
-        window = self.config.num_frames - block if max_frames is None else max_frames
-        return KVCache(window, block, sink_frames)
-
-    def _past(
-        self, cache: KVCache | None, layer: int, batch: int, tokens: int
-    ) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, bool]:
-        """A block's `past` and `write_past`. Without grad, the cache's buffer with room for the block's
-        `tokens` new keys and values, written in place (no copy of the cache). With grad, the cached
-        ones to concatenate to, so the graph holds its own copy, not the buffer that later writes change
-        (copied here too under gradient checkpointing, whose backward reruns the block)."""
-        if cache is None:
-            return None, False
-        if not torch.is_grad_enabled():
-            room = cache.room(layer, batch, tokens)
-            return room, room is not None
-        past = cache.get(layer)
-        if past is not None and self.gradient_checkpointing:
-            past = (past[0].clone(), past[1].clone())
-        return past, False
 
     def _condition(
         self, timesteps: torch.Tensor, labels: torch.Tensor | None, actions: torch.Tensor | None
@@ -318,8 +354,8 @@ class CausalVideoTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
     def _text(
         self, states: torch.Tensor | None, mask: torch.Tensor | None, batch: int
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Text states [B, L, text_dim] projected to the model's width, and the mask [B, L] (default: every
-        token); (None, None) without text."""
+        """Text states [B, L, text_dim] and their mask [B, L] (default: every token), checked; (None, None)
+        without text."""
         if states is None:
             if mask is not None:
                 raise ValueError("encoder_attention_mask given without encoder_hidden_states")
@@ -337,7 +373,27 @@ class CausalVideoTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
             raise ValueError(
                 f"encoder_attention_mask {tuple(mask.shape)} must be [B, L] = {tuple(states.shape[:2])}"
             )
-        return self.text_embed(states.to(self.patch_embed.weight.dtype)), mask.bool()
+        return states, mask.bool()
+
+    def _cross(
+        self, states: torch.Tensor | None, cache: KVCache | None
+    ) -> list[torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None]:
+        """What each block's cross-attention reads of the text states [B, L, text_dim]: the text projected to
+        the model's width [B, L, D]; in a forward on a cache without grad (a rollout's, whose text stays
+        while its frames grow), each block's keys and values of it, made once per cache (`KVCache.cross`)."""
+        if states is None:
+            return [None] * len(self.blocks)
+
+        def projected() -> torch.Tensor:  # [B, L, D]
+            return self.text_embed(states.to(self.patch_embed.weight.dtype))
+
+        def keys_values() -> list[tuple[torch.Tensor, torch.Tensor]]:
+            text = projected()
+            return [block.cross.keys_values(text) for block in self.blocks]
+
+        if cache is None or torch.is_grad_enabled():
+            return [projected()] * len(self.blocks)
+        return cache.cross(states, keys_values)  # keyed by the caller's own tensor, not a cast copy
 
     def forward(
         self,
@@ -364,42 +420,18 @@ class CausalVideoTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
         [B, L, text_dim], encoder_attention_mask [B, L] bool: the text every frame's tokens attend to.
         """
         config = self.config
-        batch, frames, channels, height, width = sample.shape
-        expected = self.frame_shape
-        if (channels, height, width) != expected:
-            raise ValueError(
-                f"sample {tuple(sample.shape)} does not match the model: (C, H, W) must be {expected}"
-            )
-        if timesteps.shape != (batch, frames):
-            raise ValueError(f"timesteps {tuple(timesteps.shape)} must be [B, T] = {(batch, frames)}")
-        cached = 0 if cache is None else cache.frames
-        if cached + frames > config.num_frames:
-            raise ValueError(
-                f"{cached} cached + {frames} new frames exceed the training horizon "
-                f"num_frames={config.num_frames}"
-            )
-        if cache is not None:
-            if frame_offset:
-                raise ValueError("frame_offset is taken from the cache; pass one or the other")
-            frame_offset = cache.end
-        elif update_cache:
-            raise ValueError("update_cache=True needs a cache")
-
+        batch, frames = sample.shape[:2]
+        cached, frame_offset = place_frames(self, sample, timesteps, cache, update_cache, frame_offset)
         if actions is not None and context is not None:
             actions = torch.cat([actions, actions], dim=1)
-        if context is not None:
-            if context.shape != sample.shape or cache is not None:
-                raise ValueError("context must have the shape of sample and cannot be combined with a cache")
-            if context_timesteps is None:
-                context_timesteps = torch.zeros_like(timesteps)
-            sample = torch.cat([context, sample], dim=1)  # [B, 2T, C, H, W]
-            timesteps = torch.cat([context_timesteps, timesteps], dim=1)
+        sample, timesteps = teacher_layout(sample, timesteps, context, context_timesteps, cache)
 
         p = config.patch_size
         x = rearrange(sample, "b t c (h p) (w q) -> b t (h w) (c p q)", p=p, q=p)
         x = self.patch_embed(x.to(self.patch_embed.weight.dtype))  # [B, T', N, D]
         cond = self._condition(timesteps, labels, actions)  # [B, T', D]
-        text, text_mask = self._text(encoder_hidden_states, encoder_attention_mask, batch)  # [B, L, D]
+        states, text_mask = self._text(encoder_hidden_states, encoder_attention_mask, batch)  # [B, L, D']
+        texts = self._cross(states, cache)
         teacher = context is not None
         cos, sin = rotary_tables(
             frames,
@@ -413,14 +445,15 @@ class CausalVideoTransformer(ModelMixin, ConfigMixin, PeftAdapterMixin):
         layout = Layout(frames, x.shape[2], config.frames_per_block, cached=cached, teacher=teacher)
         mask = attention_mask(layout, x.device, self.attention_backend, torch.is_grad_enabled())
 
-        for layer, block in enumerate(self.blocks):
-            past, staged = self._past(cache, layer, batch, x.shape[1] * x.shape[2])
-            args = (x, cond, (cos, sin), mask, past, staged, text, text_mask)
+        for layer, (block, text) in enumerate(zip(self.blocks, texts, strict=True)):
+            tokens = x.shape[1] * x.shape[2]
+            past = Past() if cache is None else cache.past(layer, batch, tokens, self.gradient_checkpointing)
+            args = (x, cond, (cos, sin), mask, past, text, text_mask)
             if torch.is_grad_enabled() and self.gradient_checkpointing:
                 x, (k, v) = self._gradient_checkpointing_func(block, *args)
             else:
                 x, (k, v) = block(*args)
-            if update_cache and not staged:
+            if update_cache and not past.in_place:
                 cache.append(layer, k, v)
         if update_cache:
             cache.advance(frames, x.shape[2])

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -50,6 +50,7 @@ def _check(kind: str, name: str, valid: Mapping[str, Sequence[str]] | Sequence[s
 class NoiseSchedule:
     alpha: Tensor  # [K+1] float64, alpha[0] = 1
     sigma: Tensor  # [K+1] float64, sigma[0] = 0
+    time: Tensor  # [K+1] float64 in [0, 1], time[0] = 0: the model is told 1000 * time (`timesteps`)
 
     @classmethod
     def from_name(cls, name: str, levels: int = 1000, **options) -> NoiseSchedule:
@@ -59,7 +60,7 @@ class NoiseSchedule:
         improved DDPM (capped at 0.999 like the cosine betas), so a small K still ends near pure noise.
         alpha_bar is accumulated in float64 from diffusers' betas (log-space, so sigma_1 keeps its digits).
         Options: `zero_terminal_snr` (VP; diffusers' rescale_betas_zero_snr), `shift` (flow; SD3's
-        t' = shift * t / (1 + (shift - 1) * t)).
+        t' = shift * t / (1 + (shift - 1) * t)). The model's time is k / K, and sigma on a flow schedule.
         """
         _check("noise schedule", name, SCHEDULE_OPTIONS, options)
         if levels < 1:
@@ -70,7 +71,7 @@ class NoiseSchedule:
                 raise ValueError(f"flow shift must be > 0, got {shift}")
             t = torch.arange(levels + 1, dtype=torch.float64) / levels  # [K+1]
             t = shift * t / (1 + (shift - 1) * t)
-            return cls(alpha=1 - t, sigma=t)
+            return cls(alpha=1 - t, sigma=t, time=t)
         scale = 1000 / levels
         betas = {} if name == "cosine" else {"beta_start": 1e-4 * scale, "beta_end": 0.02 * scale}
         ddpm = DDPMScheduler(
@@ -81,20 +82,22 @@ class NoiseSchedule:
         )
         log_abar = torch.cumsum(torch.log1p(-ddpm.betas.double()), 0)  # [K], -inf where beta = 1
         log_abar = torch.cat([log_abar.new_zeros(1), log_abar])  # [K+1], level 0 is clean
-        return cls(alpha=(0.5 * log_abar).exp(), sigma=(-torch.expm1(log_abar)).sqrt())
+        time = torch.arange(levels + 1, dtype=torch.float64) / levels  # [K+1]
+        return cls(alpha=(0.5 * log_abar).exp(), sigma=(-torch.expm1(log_abar)).sqrt(), time=time)
 
     @property
     def levels(self) -> int:
         return self.alpha.shape[0] - 1
 
     def timesteps(self, levels: Tensor) -> Tensor:
-        """What the model is told a level is: t * 1000 with t = level / K, float32 [B, T], so the
-        sinusoidal embedding sees the same range whatever K is."""
-        return levels.float() * (1000.0 / self.levels)
+        """What the model is told a level is, float32 [B, T] in 0..1000 whatever K is: 1000 * k / K on a VP
+        schedule; 1000 * sigma on a flow schedule, after the shift, as diffusers' flow-matching scheduler
+        and Wan's pipelines tell their models (so a pretrained Wan starts as it was trained)."""
+        return (1000 * self.time[levels]).float()
 
     def to(self, device: torch.device | str) -> NoiseSchedule:
         """Tables on the levels' device, so gathering needs no host sync."""
-        return replace(self, alpha=self.alpha.to(device), sigma=self.sigma.to(device))
+        return NoiseSchedule(*(table.to(device) for table in (self.alpha, self.sigma, self.time)))
 
     def _coefs(self, levels: Tensor, ndim: int, dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor]:
         """alpha_k, sigma_k by level, broadcast to `ndim` dims: [B, T] -> [B, T, 1, 1, 1]."""

@@ -31,8 +31,8 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask
 
-from dforce.attention import Backend, KVCache, Layout, attend, attention_mask
-from dforce.model import rotary_tables
+from dforce.attention import Backend, KVCache, Layout, Past, attend, attention_mask
+from dforce.model import BlockCausal, place_frames, rotary_tables, teacher_layout
 
 # The diffusers classes it wraps, by the `_class_name` their config.json carries.
 TRANSFORMERS: dict[str, type[ModelMixin]] = {
@@ -50,8 +50,7 @@ class SelfAttention:
 
     rope: tuple[Tensor, Tensor]  # cos, sin [L, head_dim] at absolute frame positions
     mask: Tensor | BlockMask | None
-    past: tuple[Tensor, Tensor] | None = None  # cached keys, values [B, H, L', d]
-    write_past: bool = False  # `past` is a cache's buffer ending in room for this call's keys and values
+    past: Past  # the KV cache's keys and values before this call's (`Past()`: none)
     new: tuple[Tensor, Tensor] | None = None  # set by the processor: this call's keys, values [B, H, L, d]
 
 
@@ -80,19 +79,13 @@ class BlockCausalProcessor:
         k = heads(attn.norm_k(attn.to_k(hidden_states)))
         v = heads(attn.to_v(hidden_states))
         q, k = apply_rotary_emb(q, state.rope), apply_rotary_emb(k, state.rope)
-        if state.past is None:
-            keys, values = k, v
-        elif state.write_past:
-            keys, values = state.past
-            keys[:, :, -k.shape[2] :], values[:, :, -v.shape[2] :] = k, v
-        else:
-            keys, values = torch.cat([state.past[0], k], dim=2), torch.cat([state.past[1], v], dim=2)
         state.new = k, v
-        out = attend(q, keys, values, state.mask).transpose(1, 2).flatten(2).type_as(q)  # [B, L, H * d]
+        out = attend(q, *state.past.join(k, v), state.mask)  # [B, H, L, d]
+        out = out.transpose(1, 2).flatten(2).type_as(q)  # [B, L, H * d]
         return attn.to_out[1](attn.to_out[0](out))
 
 
-class CausalWan(ModelMixin, ConfigMixin, PeftAdapterMixin):
+class CausalWan(BlockCausal, ModelMixin, ConfigMixin, PeftAdapterMixin):
     """A diffusers Wan / SkyReels-V2 transformer made a dforce backbone (`dforce.backbone.Backbone`).
 
     forward(sample [B, T, C, H, W], timesteps [B, T], *, context, context_timesteps, cache, update_cache,
@@ -176,14 +169,6 @@ class CausalWan(ModelMixin, ConfigMixin, PeftAdapterMixin):
             (Path(save_directory) / SETTINGS_FILE).write_text(json.dumps(settings, indent=2) + "\n")
 
     @property
-    def horizon(self) -> int:
-        return self.config.num_frames
-
-    @property
-    def frames_per_block(self) -> int:
-        return self.config.frames_per_block
-
-    @property
     def frame_shape(self) -> tuple[int, int, int]:
         return (self.transformer.config.in_channels, *self.config.sample_size)
 
@@ -195,27 +180,6 @@ class CausalWan(ModelMixin, ConfigMixin, PeftAdapterMixin):
     def text_dim(self) -> int | None:
         """Wan's text width, or None for a model trained without text (every clip reads the zero token)."""
         return self.transformer.config.text_dim if self.config.text else None
-
-    def new_cache(self, max_frames: int | None = None, sink_frames: int = 0) -> KVCache:
-        """A KV cache whose window, with one block being denoised, stays within the training horizon."""
-        block = self.config.frames_per_block
-        window = self.config.num_frames - block if max_frames is None else max_frames
-        return KVCache(window, block, sink_frames)
-
-    def _past(
-        self, cache: KVCache | None, layer: int, batch: int, tokens: int
-    ) -> tuple[tuple[Tensor, Tensor] | None, bool]:
-        """A block's cached keys and values and whether to write into them (see `CausalVideoTransformer`):
-        without grad the cache's buffer with room for `tokens`; with grad a copy-safe view to concatenate."""
-        if cache is None:
-            return None, False
-        if not torch.is_grad_enabled():
-            room = cache.room(layer, batch, tokens)
-            return room, room is not None
-        past = cache.get(layer)
-        if past is not None and self.gradient_checkpointing:
-            past = (past[0].clone(), past[1].clone())
-        return past, False
 
     def _text(self, states: Tensor | None, mask: Tensor | None, batch: int, dtype: torch.dtype) -> Tensor:
         """Text embeddings [B, L, text_dim] with padded tokens zeroed; without text one zero token."""
@@ -283,35 +247,12 @@ class CausalWan(ModelMixin, ConfigMixin, PeftAdapterMixin):
         `CausalVideoTransformer.forward`, and text (`encoder_hidden_states` [B, L, text_dim] with
         `encoder_attention_mask` [B, L], True for real tokens)."""
         net, config = self.transformer, self.config
-        batch, frames, channels, height, width = sample.shape
-        if (channels, height, width) != self.frame_shape:
-            raise ValueError(
-                f"sample {tuple(sample.shape)} does not match the model: (C, H, W) must be {self.frame_shape}"
-            )
-        if timesteps.shape != (batch, frames):
-            raise ValueError(f"timesteps {tuple(timesteps.shape)} must be [B, T] = {(batch, frames)}")
+        batch, frames = sample.shape[:2]
+        cached, frame_offset = place_frames(self, sample, timesteps, cache, update_cache, frame_offset)
         if labels is not None or actions is not None:
             raise ValueError("the wan backbone takes no labels or actions")
-        cached = 0 if cache is None else cache.frames
-        if cached + frames > config.num_frames:
-            raise ValueError(
-                f"{cached} cached + {frames} new frames exceed the training horizon "
-                f"num_frames={config.num_frames}"
-            )
-        if cache is not None:
-            if frame_offset:
-                raise ValueError("frame_offset is taken from the cache; pass one or the other")
-            frame_offset = cache.end
-        elif update_cache:
-            raise ValueError("update_cache=True needs a cache")
         teacher = context is not None
-        if teacher:
-            if context.shape != sample.shape or cache is not None:
-                raise ValueError("context must have the shape of sample and cannot be combined with a cache")
-            if context_timesteps is None:
-                context_timesteps = torch.zeros_like(timesteps)
-            sample = torch.cat([context, sample], dim=1)  # [B, 2T, C, H, W]
-            timesteps = torch.cat([context_timesteps, timesteps], dim=1)
+        sample, timesteps = teacher_layout(sample, timesteps, context, context_timesteps, cache)
 
         dtype = net.patch_embedding.weight.dtype
         x = net.patch_embedding(rearrange(sample, "b t c h w -> b c t h w").to(dtype))  # [B, D, T', h, w]
@@ -326,10 +267,11 @@ class CausalWan(ModelMixin, ConfigMixin, PeftAdapterMixin):
         mask = attention_mask(layout, x.device, self.attention_backend, torch.is_grad_enabled())
 
         for layer, block in enumerate(net.blocks):
-            past, staged = self._past(cache, layer, batch, x.shape[1])
-            attention = SelfAttention(rope, mask, past, staged)
+            checkpointing = self.gradient_checkpointing
+            past = Past() if cache is None else cache.past(layer, batch, x.shape[1], checkpointing)
+            attention = SelfAttention(rope, mask, past)
             x = self._run_block(block, x, text, modulation, attention)
-            if update_cache and not staged:
+            if update_cache and not past.in_place:
                 cache.append(layer, *attention.new)
         if update_cache:
             cache.advance(frames, tokens)

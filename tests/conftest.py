@@ -8,7 +8,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from fractions import Fraction
 from pathlib import Path
 from types import SimpleNamespace
@@ -16,11 +16,13 @@ from types import SimpleNamespace
 import av
 import numpy as np
 import pytest
+import torch
 from accelerate.state import AcceleratorState, GradientState
 
 from dforce.shards import ShardSink, encode_video
 from dforce.synthetic import write_bouncing_balls
 
+ROOT = Path(__file__).parent.parent
 CONTAINERS = {".mp4": ("mp4", "libx264"), ".mkv": ("matroska", "libx264"), ".webm": ("webm", "libvpx-vp9")}
 
 
@@ -98,6 +100,22 @@ def reset_accelerate() -> None:
 def fresh_accelerate() -> Iterator[None]:
     yield
     reset_accelerate()
+
+
+def shipped_fsdp_policy(model: torch.nn.Module, monkeypatch: pytest.MonkeyPatch) -> Callable:
+    """The FSDP2 auto-wrap policy that `accelerate launch --config_file configs/accelerate/fsdp.yaml` gives
+    `model`: the yaml read by Accelerate's launcher into its environment, the plugin made from that."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    config = str(ROOT / "configs/accelerate/fsdp.yaml")
+    args, _, _ = _validate_launch_command(launch_command_parser().parse_args(["--config_file", config, "x"]))
+    for key, value in prepare_multi_gpu_env(args).items():
+        if key.startswith("FSDP_"):
+            monkeypatch.setenv(key, value)
+    return fsdp2_prepare_auto_wrap_policy(FullyShardedDataParallelPlugin(), model)
 
 
 def launch_two_processes(

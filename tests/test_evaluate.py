@@ -4,9 +4,11 @@ one-level resolution, scores per frame index and their summaries, and the files 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -15,18 +17,24 @@ from dforce.evaluate import (
     EvalSettings,
     copy_last_frame,
     evaluate,
+    likelihoods,
     read_clips,
     rollout_path,
     rollout_scores,
+    score_frames,
 )
-from dforce.likelihood import check_unit_steps
+from dforce.likelihood import check_unit_steps, elbo, ode_nll
 from dforce.metrics import ball_errors
 from dforce.model import CausalVideoTransformer
 from dforce.noise import NoiseConfig
+from dforce.reading import read_samples
+from dforce.rollout import rollout
+from dforce.shards import ShardSink
 from dforce.synthetic import write_bouncing_balls
 from dforce.trajectory import get_weighting
 
 LEVELS = 20
+TEXT_DIM = 8
 
 
 @pytest.fixture(scope="module")
@@ -115,6 +123,58 @@ def test_scores_and_summary_agree(shards):
     assert math.isfinite(summary["elbo_bits_per_dim"]) and summary["elbo_sem"] > 0
     again = evaluate(model, noise, clips, settings)  # seeded: the same numbers
     assert again["summary"] == summary
+
+
+@pytest.fixture(scope="module")
+def text_shards(shards, tmp_path_factory) -> str:
+    """The clips of `shards` with text embeddings of 2, 3 and 4 tokens (`text.npy`, as encode-text writes)."""
+    out = tmp_path_factory.mktemp("eval_text")
+    rng = np.random.default_rng(0)
+    with ShardSink(out, "val") as sink:
+        for tokens, sample in enumerate(read_samples(shards), start=2):
+            embeddings = io.BytesIO()
+            np.save(embeddings, rng.standard_normal((tokens, TEXT_DIM)).astype(np.float16))
+            kept = {key: sample[key] for key in ("__key__", "mp4", "json")}
+            sink.write(kept | {"text.npy": embeddings.getvalue()})
+    return str(out / "val-*.tar")
+
+
+def test_clips_with_text_are_rolled_out_and_scored_given_it(text_shards):
+    """A text model's rollouts and likelihoods read each held-out clip's own text."""
+    torch.manual_seed(0)
+    model = CausalVideoTransformer(
+        sample_size=16,
+        patch_size=4,
+        num_frames=4,
+        num_layers=1,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        text_dim=TEXT_DIM,
+    ).eval()
+    with torch.no_grad():  # not DiT's zero start, from which the text changes nothing
+        for parameter in model.parameters():
+            parameter.normal_(0, 0.3)
+    noise, schedule = NoiseConfig(levels=LEVELS), NoiseConfig(levels=LEVELS).build()
+    clips = read_clips(text_shards, count=3, frames=6, size=16)
+    assert clips.text.mask.sum(dim=1).tolist() == [2, 3, 4] and clips.text.states.shape[2] == TEXT_DIM
+    settings = EvalSettings(context_frames=2, steps=3, batch_size=3, elbo_draws=2, ode_steps=2, ode_probes=2)
+    scores, _ = rollout_scores(model, noise, clips, settings)
+
+    def rollout_mse(text):
+        generator = torch.Generator().manual_seed(settings.seed)
+        fake = rollout(model, schedule, "v", clips.video[:, :2], 4, steps=3, text=text, generator=generator)
+        return score_frames(fake[:, 2:], clips.video[:, 2:], clips.balls, 2)["mse"]
+
+    assert torch.equal(scores["mse"], rollout_mse(clips.text))
+    assert not torch.allclose(scores["mse"], rollout_mse(None))
+    nll = likelihoods(model, noise, clips, settings)
+    x0 = clips.video[:, :4]
+    weighting = get_weighting("schedule", 4, LEVELS, schedule=rollout_path(model, LEVELS, settings))
+    given = elbo(model, schedule, "v", x0, weighting, draws=2, text=clips.text)
+    assert torch.equal(nll["elbo"].nats, given.nats)
+    assert not torch.allclose(given.nats, elbo(model, schedule, "v", x0, weighting, draws=2).nats)
+    ode = ode_nll(model, schedule, "v", x0, path="autoregressive", steps=2, probes=2, text=clips.text)
+    assert torch.equal(nll["ode"].nats, ode.nats)
 
 
 def test_copying_the_last_frame_is_scored_like_a_rollout(shards):

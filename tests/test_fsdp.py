@@ -11,8 +11,10 @@ import textwrap
 from pathlib import Path
 
 import torch
+from conftest import shipped_fsdp_policy
 from safetensors.torch import load_file
 
+from dforce.model import CausalVideoTransformer
 from dforce.synthetic import write_bouncing_balls
 
 ROOT = Path(__file__).parent.parent
@@ -122,3 +124,11 @@ def test_fsdp_trains_exports_and_resumes_as_data_parallel(tmp_path):
     assert any(
         not torch.equal(plain[key], torch.zeros_like(plain[key])) for key in plain if "modulation" in key
     )
+
+
+def test_the_shipped_config_wraps_each_block(monkeypatch):
+    """configs/accelerate/fsdp.yaml names no class: the auto-wrap policy takes the model's own blocks
+    (`_no_split_modules`; test_wan.py checks Wan's)."""
+    model = CausalVideoTransformer(sample_size=8, num_layers=2, num_attention_heads=2, attention_head_dim=8)
+    policy = shipped_fsdp_policy(model, monkeypatch)
+    assert [name for name, module in model.named_modules() if policy(module)] == ["blocks.0", "blocks.1"]

@@ -431,3 +431,33 @@ def test_text_gets_gradients_and_bad_text_names_the_problem():
     with pytest.raises(ValueError, match="encoder_attention_mask"):
         model(sample, timesteps, encoder_hidden_states=words["encoder_hidden_states"],
               encoder_attention_mask=words["encoder_attention_mask"][:, :3])  # fmt: skip
+
+
+def test_a_rollouts_text_is_projected_once():
+    """On a cache without grad (a rollout's forwards) each block's cross-attention keys and values of the
+    text are made once and kept while the same text tensor comes back: the outputs are those of making
+    them anew at every forward. With grad they are made anew, so the graph reaches the text's weights."""
+    model = tiny(text_dim=TEXT_DIM)
+    sample, timesteps = inputs()
+    words = text()
+    projections = []
+    model.text_embed.register_forward_hook(lambda *_: projections.append(1))
+
+    def copy(words: dict) -> dict:  # the same text in another tensor: made anew
+        return {key: value.clone() for key, value in words.items()}
+
+    with torch.no_grad():
+        kept, anew = model.new_cache(), model.new_cache()
+        for t in range(4):
+            frame = sample[:, t : t + 1], timesteps[:, t : t + 1]
+            out = model(*frame, cache=kept, **words)  # a denoising step, then the commit
+            assert torch.equal(out, model(*frame, cache=anew, **copy(words)))
+            with torch.enable_grad():
+                torch.testing.assert_close(out, model(*frame, cache=kept, **words), rtol=1e-6, atol=1e-6)
+            model(*frame, cache=kept, update_cache=True, **words)
+            model(*frame, cache=anew, update_cache=True, **copy(words))
+        assert len(projections) == 1 + 2 * 4 + 4  # once on `kept`; each call on `anew` and with grad
+        other, frame = text(seed=6), (sample[:, 4:5], timesteps[:, 4:5])
+        assert torch.equal(model(*frame, cache=kept, **other), model(*frame, cache=anew, **copy(other)))
+    model(*frame, cache=kept, **words).square().sum().backward()
+    assert model.text_embed.linear_1.weight.grad.abs().sum() > 0

@@ -3,7 +3,7 @@ import math
 
 import pytest
 import torch
-from diffusers import DDPMScheduler
+from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 from torch.distributions import MultivariateNormal, Normal, kl_divergence
 
 from dforce.noise import PARAMETERIZATIONS, WEIGHTING_OPTIONS, NoiseConfig, NoiseSchedule
@@ -64,6 +64,22 @@ def test_flow_shift():
     torch.testing.assert_close(schedule("flow", 10).sigma, t)
     torch.testing.assert_close(schedule("flow-shift3", 10).sigma, 3 * t / (1 + 2 * t))
     torch.testing.assert_close(schedule("flow-shift3", 10).alpha, 1 - 3 * t / (1 + 2 * t))
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0, 5.0])
+def test_flow_timesteps_are_diffusers_after_the_shift(shift):
+    # diffusers' flow-matching scheduler (and Wan's pipelines) tell the model 1000 * sigma, sigma shifted.
+    sched = NoiseSchedule.from_name("flow", 1000, shift=shift)
+    flow = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+    levels = torch.arange(1000, 0, -1)[None]  # its training table runs from t = 1 down to 1 / 1000
+    torch.testing.assert_close(sched.sigma[levels[0]].float(), flow.sigmas, rtol=1e-6, atol=0)
+    torch.testing.assert_close(sched.timesteps(levels)[0], flow.timesteps, rtol=1e-6, atol=0)
+    flow.set_timesteps(10)  # and at inference, between its table's levels: 1000 * sigma too
+    torch.testing.assert_close(flow.timesteps, 1000 * flow.sigmas[:-1])
+    # Whatever K is, the model sees the same range; VP schedules keep 1000 * k / K.
+    coarse = NoiseSchedule.from_name("flow", 50, shift=shift)
+    torch.testing.assert_close(coarse.timesteps(torch.arange(51)[None])[0], (1000 * coarse.sigma).float())
+    assert schedule("cosine", 50).timesteps(torch.tensor([[0, 25, 50]])).tolist() == [[0, 500, 1000]]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -377,8 +393,8 @@ def test_noise_config_round_trip(tmp_path):
     assert loaded == config
     assert torch.equal(loaded.build().sigma, NoiseSchedule.from_name("flow", 50, shift=3.0).sigma)
     assert torch.equal(
-        loaded.build().timesteps(torch.tensor([[0, 25, 50]])), torch.tensor([[0, 500, 1000.0]])
-    )
+        loaded.build().timesteps(torch.tensor([[0, 25, 50]])), torch.tensor([[0, 750, 1000.0]])
+    )  # 1000 * sigma, sigma = 3 t / (1 + 2 t) at t = 1/2
 
 
 def test_noise_config_errors(tmp_path):

@@ -91,7 +91,9 @@ def test_train_flops_are_counted_as_the_yardstick_counts_them():
 
 
 def test_wan_flops_count_its_own_linears():
-    """Wan's block: self-attention 4 d^2, cross-attention's query and output 2 d^2, FFN 2 d ffn_dim."""
+    """Wan's block: self-attention 4 d^2, cross-attention's query and output 2 d^2, FFN 2 d ffn_dim, and the
+    adaLN modulation's 6 d^2 per token that the yardstick counts (and ours is credited with), though both
+    backbones compute it once per frame."""
     spec = importlib.util.spec_from_file_location("bench", BENCH)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -100,7 +102,7 @@ def test_wan_flops_count_its_own_linears():
     section = module.wan_section(shape)
     model = CausalWan(transformer_config=section["config"], num_frames=8, sample_size=(32, 32))
     d, tokens, frames = 256, 512, 8
-    linear = 2 * 4 * tokens * 4 * (6 + 8) * d * d
+    linear = 2 * 4 * tokens * 4 * (6 + 8 + 6) * d * d
     attention = 4 * 4 * 4 * tokens * tokens * d * (frames + 1) / (2 * frames)
     assert module.useful_flops(model, batch=4) == linear + attention
 
@@ -120,12 +122,54 @@ def test_train_and_rollout_benchmarks_take_the_wan_backbone():
 
 def test_memory_benchmark_checkpointing_lowers_the_peak():
     figures = [json.loads(line) for line in bench("memory", *TINY, "--json").splitlines()]
-    plain, checkpointed, ratio, saved = figures
+    plain, checkpointed, ratio, saved, per_d = figures
     assert (plain["checkpointing"], checkpointed["checkpointing"]) == (False, True)
     assert 0 < checkpointed["value"] < plain["value"] and plain["unit"] == "MiB"
     assert ratio["value"] == checkpointed["value"] / plain["value"]
     # fp32 activations per token and layer: the residual stream, q, k, v, the MLP's 4d, ... (~26 floats of d)
-    assert saved["unit"] == "bytes/d" and 60 < saved["value"] < 160
+    assert per_d["unit"] == "bytes/d" and 60 < per_d["value"] < 160 and per_d["d"] == 64
+    assert saved["unit"] == "bytes" and saved["value"] == per_d["value"] * 64
+
+
+def test_memory_benchmark_takes_the_wan_backbone_and_lora():
+    """Wan's activations per token and layer grow with its FFN width (the GELU's input and output), and
+    adapters over a frozen base keep fewer (no weight gradients to save inputs for)."""
+    shape = ["num_layers=2", "attention_head_dim=16", "sample_size=16"]
+    wan = ["--backbone", "wan", "--batch", "2", "--threads", "1", "--json"]
+    per_token = {}
+    for options in (
+        ["--model", *shape],
+        ["--model", *shape, "ffn_dim=512"],
+        ["--lora", "4", "--model", *shape],
+    ):
+        *_, saved, per_d = [json.loads(line) for line in bench("memory", *wan, *options).splitlines()]
+        assert per_d["backbone"] == "wan" and per_d["d"] == 64
+        per_token[tuple(options)] = (saved["value"], saved["ffn"], saved["lora"])
+    plain, wide, lora = per_token.values()
+    assert plain[1:] == (256, "no") and wide[1:] == (512, "no") and lora[1:] == (256, 4)
+    assert wide[0] > plain[0] > lora[0] > 0
+
+
+def test_scale_table_reproduces_its_arithmetic():
+    """`scale`: parameters on the meta device (ours as BENCHMARKS.md's table; Wan 2.1 1.3B and 14B from their
+    published configs), 20 bytes a trained weight sharded, and the activation arithmetic."""
+    rows = [json.loads(line) for line in bench("scale", "--lora-ranks", "8", "32", "--json").splitlines()]
+    by = {(r["model"], r["frames"], r["lora"]): r for r in rows}
+    ours = by[("ours ~1B", 16, "no")]
+    assert round(ours["params M"]) == 1027 and math.isclose(ours["value"], 11.71, abs_tol=0.01)
+    wan = by[("Wan2.1 1.3B", 21, "no")]
+    assert round(wan["params M"]) == 1419 and wan["tokens/frame"] == 1560
+    assert math.isclose(wan["state GiB"], 20 * wan["params M"] * 1e6 / 8 / 2**30)
+    tokens, d, layers = 21 * 1560, 1536, 30
+    plain = tokens * layers * (100 * d + 4 * 8960) + tokens * 12 * d
+    assert math.isclose(wan["act plain GiB"], plain / 2**30)
+    checkpointed = tokens * layers * 2 * d + tokens * (100 * d + 4 * 8960) + tokens * 12 * d
+    assert math.isclose(wan["act ckpt GiB"], checkpointed / 2**30)
+    assert round(by[("Wan2.1 1.3B", 21, 8)]["trainable M"], 1) == 10.9
+    assert round(by[("Wan2.1 1.3B", 21, 32)]["trainable M"], 1) == 43.7
+    assert round(by[("Wan2.1 14B", 21, "no")]["params M"] / 1e3, 1) == 14.3
+    assert round(by[("Wan2.1 14B", 21, 8)]["trainable M"], 1) == 38.3
+    assert round(by[("Wan2.1 14B", 21, 32)]["trainable M"]) == 153
 
 
 def test_rollout_benchmark_times_cached_and_recomputed_frames():

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import reset_accelerate
+from conftest import reset_accelerate, shipped_fsdp_policy
 from diffusers import SkyReelsV2Transformer3DModel, WanTransformer3DModel
 
 from dforce.ablate import ablate
@@ -18,7 +18,6 @@ from dforce.backbone import build_model, load_model
 from dforce.cli import main
 from dforce.config import ConfigError, load_config
 from dforce.latents import LatentSpace
-from dforce.synthetic import write_bouncing_balls
 from dforce.train import train
 from dforce.trainer import check_frames
 from dforce.trajectory import WEIGHTINGS
@@ -273,14 +272,11 @@ def test_export_loads_in_diffusers_and_dforce(pretrained, tmp_path):
     assert rebuilt.transformer.config == model.transformer.config
 
 
-def test_fsdp_auto_wrap_finds_the_blocks(pretrained):
-    """Accelerate's transformer auto-wrap policy, with no class named, wraps each diffusers block."""
-    from accelerate.utils import FullyShardedDataParallelPlugin
-    from accelerate.utils.fsdp_utils import fsdp2_prepare_auto_wrap_policy
-
+def test_fsdp_auto_wrap_finds_the_blocks(pretrained, monkeypatch):
+    """The shipped FSDP config's transformer auto-wrap policy, which names no class, wraps each diffusers
+    block."""
     model = load(pretrained[0])
-    plugin = FullyShardedDataParallelPlugin(fsdp_version=2, auto_wrap_policy="transformer_based_wrap")
-    policy = fsdp2_prepare_auto_wrap_policy(plugin, model)
+    policy = shipped_fsdp_policy(model, monkeypatch)
     wrapped = [name for name, module in model.named_modules() if policy(module)]
     assert wrapped == ["transformer.blocks.0", "transformer.blocks.1"]
 
@@ -308,24 +304,16 @@ OPTIONS = {"schedule": "schedule:autoregressive", "mixture": "mixture"}
 MIXTURE = "trajectory.options={components: {paths: 0.5, teacher: 0.5}}"
 
 
-@pytest.fixture(scope="module")
-def balls(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("wan_balls")
-    write_bouncing_balls(out, num_clips=4, frames=6, size=16, num_balls=1, seed=0, maxcount=4)
-    write_bouncing_balls(out, num_clips=2, frames=8, size=16, num_balls=1, seed=1, prefix="val")
-    return out
-
-
-def run_config(tmp_path: Path, balls: Path, weighting: str = "paths", cls: str = "WanTransformer3DModel"):
+def run_config(tmp_path: Path, data: Path, weighting: str = "paths", cls: str = "WanTransformer3DModel"):
     path = tmp_path / "run.yaml"
-    path.write_text(RUN.format(out=tmp_path / "run", data=balls, weighting=weighting, cls=cls))
+    path.write_text(RUN.format(out=tmp_path / "run", data=data, weighting=weighting, cls=cls))
     return path
 
 
 @pytest.mark.parametrize("weighting", list(WEIGHTINGS))
-def test_trains_under_every_weighting(tmp_path, balls, weighting):
+def test_trains_under_every_weighting(tmp_path, data, weighting):
     overrides = [MIXTURE] if weighting == "mixture" else []
-    config = load_config(run_config(tmp_path, balls, OPTIONS.get(weighting, weighting)), overrides)
+    config = load_config(run_config(tmp_path, data, OPTIONS.get(weighting, weighting)), overrides)
     model, _ = load_model(train(config))
     torch.manual_seed(config.seed)  # the start training built
     start = build_model(config.model | {"num_frames": 4}).state_dict()
@@ -334,9 +322,9 @@ def test_trains_under_every_weighting(tmp_path, balls, weighting):
     assert any(not torch.equal(start[k], v) for k, v in model.state_dict().items())
 
 
-def test_resumes_from_its_checkpoint(tmp_path, balls):
+def test_resumes_from_its_checkpoint(tmp_path, data):
     """Accelerate's `save_state` of the wrapped model, read back: the rerun continues at step 2."""
-    path = run_config(tmp_path, balls)
+    path = run_config(tmp_path, data)
     train(load_config(path))
     reset_accelerate()
     train(load_config(path, ["train.max_steps=3"]))
@@ -347,28 +335,28 @@ def test_resumes_from_its_checkpoint(tmp_path, balls):
 
 
 @pytest.fixture(scope="module")
-def wan_teacher(tmp_path_factory, balls) -> Path:
+def wan_teacher(tmp_path_factory, data) -> Path:
     """A SkyReels-V2 teacher trained with the teacher weighting, validated (rollouts) on the way."""
     root = tmp_path_factory.mktemp("wan_teacher")
     overrides = [
-        f"validation.shards={balls}/val-*.tar", "validation.every=2", "validation.batches=1",
+        f"validation.shards={data}/val-*.tar", "validation.every=2", "validation.batches=1",
         "validation.weightings=[teacher]", "validation.rollout_clips=1", "validation.context_frames=2",
         "validation.rollout_frames=6", "validation.sampling_steps=2", "loss.drop_history=0.2",
     ]  # fmt: skip
-    path = run_config(root, balls, "teacher", "SkyReelsV2Transformer3DModel")
+    path = run_config(root, data, "teacher", "SkyReelsV2Transformer3DModel")
     model = train(load_config(path, overrides))
     reset_accelerate()
     return model
 
 
-def test_self_forcing_with_ode_init(tmp_path, balls, wan_teacher):
+def test_self_forcing_with_ode_init(tmp_path, data, wan_teacher):
     path = tmp_path / "student.yaml"
     path.write_text(
         f"output_dir: {tmp_path / 'run'}\nseed: 0\nobjective: self_forcing\n"
         f'self_forcing: {{teacher: "{wan_teacher}", init: ode, ode_steps: 1, ode_sampling_steps: 2, '
         "steps: 2, context_frames: 1, rollout_frames: 6, critic_steps: 1, min_level: 2, max_level: 48}\n"
         "train: {max_steps: 1, checkpoint_every: 2, batch_size: 2, lr: 1e-4, trackers: []}\n"
-        f'data: {{shards: "{balls}/train-*.tar", clip_frames: 4, num_workers: 0, pixels: uint8, '
+        f'data: {{shards: "{data}/train-*.tar", clip_frames: 4, num_workers: 0, pixels: uint8, '
         "shuffle_buffer: 4, size: 8}\n"
     )
     model, noise = load_model(train(load_config(path)))
@@ -376,7 +364,7 @@ def test_self_forcing_with_ode_init(tmp_path, balls, wan_teacher):
     assert type(model.transformer) is SkyReelsV2Transformer3DModel
 
 
-def test_sample_and_eval_commands(tmp_path, balls, wan_teacher, capsys):
+def test_sample_and_eval_commands(tmp_path, data, wan_teacher, capsys):
     main(
         [
             "sample",
@@ -391,20 +379,20 @@ def test_sample_and_eval_commands(tmp_path, balls, wan_teacher, capsys):
         ]
     )
     assert (tmp_path / "a.mp4").stat().st_size > 0
-    main(["eval", "--model", str(wan_teacher), "--data", f"{balls}/val-*.tar", "--clips", "1",
+    main(["eval", "--model", str(wan_teacher), "--data", f"{data}/val-*.tar", "--clips", "1",
           "--context-frames", "2", "--frames", "6", "--steps", "2", "--out", str(tmp_path / "eval"),
           "--ode-steps", "2"])  # fmt: skip
     assert "psnr_past_horizon" in capsys.readouterr().out
 
 
-def test_ablate(tmp_path, balls):
+def test_ablate(tmp_path, data):
     overrides = [
-        f"validation.shards={balls}/val-*.tar",
+        f"validation.shards={data}/val-*.tar",
         "validation.weightings=[paths]",
         "validation.every=2",
     ]
     overrides += ["validation.rollout_clips=0", "validation.context_frames=2", "validation.rollout_frames=4"]
-    out = ablate(run_config(tmp_path, balls), ["paths"], 1, overrides, schedules=["autoregressive"], clips=2,
+    out = ablate(run_config(tmp_path, data), ["paths"], 1, overrides, schedules=["autoregressive"], clips=2,
                  elbo_draws=2, progress=False)  # fmt: skip
     assert "| paths | autoregressive |" in (out / "results.md").read_text()
 
@@ -412,8 +400,8 @@ def test_ablate(tmp_path, balls):
 # ---- bad input
 
 
-def test_bad_inputs_name_the_problem(tmp_path, balls, pretrained):
-    path = run_config(tmp_path, balls)
+def test_bad_inputs_name_the_problem(tmp_path, data, pretrained):
+    path = run_config(tmp_path, data)
     with pytest.raises(ConfigError, match=r"model\.backbone: unknown backbone 'wann'; valid: dforce, wan"):
         load_config(path, ["model.backbone=wann"])
     with pytest.raises(ConfigError, match=r"model\.sample_size: required for the wan backbone"):
@@ -453,8 +441,8 @@ def test_bad_inputs_name_the_problem(tmp_path, balls, pretrained):
         )
 
 
-def test_data_that_is_not_the_model_frames_fails_before_training(tmp_path, balls):
-    path = run_config(tmp_path, balls)
+def test_data_that_is_not_the_model_frames_fails_before_training(tmp_path, data):
+    path = run_config(tmp_path, data)
     reads = r"the model \(CausalWan\) reads frames of \(C, H, W\)"
     with pytest.raises(
         ConfigError, match=rf"data\.shards: the shards hold RGB pixel frames; {reads} \(4, 8, 8\)"

@@ -5,6 +5,8 @@
     python tools/bench.py train                    # the training step's useful TFLOP/s vs the yardstick's
     python tools/bench.py train --backbone wan     # the same for a Wan transformer of the same shape
     python tools/bench.py memory                   # peak memory of a step, with and without checkpointing
+    python tools/bench.py memory --backbone wan    # the same, and Wan's activation bytes per token and layer
+    python tools/bench.py scale                    # memory per GPU under FSDP, ours and Wan 1.3B / 14B
     python tools/bench.py rollout                  # time per generated frame, KV-cached vs recomputed window
     python tools/bench.py vae                      # encode clips/s, decode ms/frame, decode memory vs length
 
@@ -45,6 +47,7 @@ from dforce.decode import decode_video
 from dforce.ema import EMA
 from dforce.encode_latents import encode_latents
 from dforce.history import History
+from dforce.lora import LoraConfig, add_lora, default_targets, lora_module
 from dforce.loss import make_loss
 from dforce.model import CausalVideoTransformer
 from dforce.noise import NoiseSchedule
@@ -208,11 +211,12 @@ def _sync(device: torch.device) -> None:
 
 def wan_section(shape: dict[str, int]) -> dict:
     """The `model` section of `backbone: wan` at a shape of ours (`--backbone wan`): a random
-    WanTransformer3DModel of the same width, heads, depth and patch, its FFN 4d as our MLP, no text (one
-    zero token to cross-attend)."""
+    WanTransformer3DModel of the same width, heads, depth and patch, its FFN 4d as our MLP unless the shape
+    names an `ffn_dim`, no text (one zero token to cross-attend)."""
     d, side = shape["num_attention_heads"] * shape["attention_head_dim"], shape["sample_size"]
     config = {key: shape[key] for key in ("num_attention_heads", "attention_head_dim", "num_layers")}
-    config |= dict(patch_size=(1, shape["patch_size"], shape["patch_size"]), ffn_dim=4 * d, text_dim=64)
+    ffn = shape.get("ffn_dim", 4 * d)
+    config |= dict(patch_size=(1, shape["patch_size"], shape["patch_size"]), ffn_dim=ffn, text_dim=64)
     config |= dict(in_channels=shape["in_channels"], out_channels=shape["in_channels"])
     return {"backbone": "wan", "sample_size": (side, side), "text": False, "config": config}
 
@@ -231,14 +235,16 @@ def model_shape(model: Backbone) -> dict[str, int]:
 
 
 def useful_flops(model: Backbone, batch: int) -> float:
-    """Forward FLOPs counted as the yardstick counts them: the block linears per token (ours: its
-    per-token adaLN modulation included, which this model computes once per frame; Wan: its own linears,
-    whose modulation is per frame), and the block-causal part of attention."""
+    """Forward FLOPs counted as the yardstick counts them: the block linears per token, the adaLN
+    modulation's 6d^2 per token included (both backbones compute it once per frame; the yardstick's block
+    computes it per token), and the block-causal part of attention. Wan's block also has its own
+    cross-attention's query and output projections (2d^2 per token; its keys and values are of the text)
+    and its FFN of ffn_dim."""
     shape = model_shape(model)
     d, frames, layers = shape["d"], shape["frames"], shape["layers"]
     tokens = frames * shape["tpf"]
-    if isinstance(model, CausalWan):  # self-attention 4, cross-attention's q and out 2, FFN 2 ffn/d (x d^2)
-        linears = layers * (6 * d * d + 2 * d * model.transformer.config.ffn_dim)
+    if isinstance(model, CausalWan):  # self-attention 4, cross-attention's q and out 2, modulation 6 (x d^2)
+        linears = layers * (12 * d * d + 2 * d * model.transformer.config.ffn_dim)
     else:
         linears = layers * 18 * d * d  # qkv 3, out 1, MLP 8, modulation 6 (x d^2)
     attention = layers * 4 * batch * tokens**2 * d * (frames + 1) / (2 * frames)
@@ -258,6 +264,7 @@ def bench_config(args: argparse.Namespace, device: torch.device, checkpointing: 
     train = TrainConfig(
         max_steps=1,
         checkpoint_every=1,
+        lora=LoraConfig(rank=args.lora) if getattr(args, "lora", None) else None,
         batch_size=args.batch or batch,
         mixed_precision=args.mixed_precision or precision,
         gradient_checkpointing=checkpointing,
@@ -445,17 +452,22 @@ def bench_memory(args: argparse.Namespace) -> list[dict]:
     config = bench_config(args, device)
     batch = config.train.batch_size
     saved = {size: saved_bytes(config, device, size) for size in (batch, 2 * batch)}
-    model = config.model
-    width = model["num_attention_heads"] * model["attention_head_dim"]
-    tokens = batch * config.data.clip_frames * (model["sample_size"] // model["patch_size"]) ** 2
-    per_layer = (saved[2 * batch] - saved[batch]) / tokens / model["num_layers"] / width
+    shape = model_shape(build_model(model_kwargs(config)))
+    tokens = batch * shape["frames"] * shape["tpf"]
+    per_layer = (saved[2 * batch] - saved[batch]) / tokens / shape["layers"]
     dtype = "bf16 autocast" if config.train.mixed_precision == "bf16" else "fp32"
+    common = {"backbone": args.backbone, "d": shape["d"], "dtype": dtype, "lora": args.lora or "no"}
+    if args.backbone == "wan":
+        common["ffn"] = config.model["config"]["ffn_dim"]
+    figures.append(
+        {"figure": "saved for backward per token and layer", "value": per_layer, "unit": "bytes", **common}
+    )
     figures.append(
         {
-            "figure": "saved for backward per token and layer",
-            "value": per_layer,
+            "figure": "saved for backward per token and layer / d",
+            "value": per_layer / shape["d"],
             "unit": "bytes/d",
-            "dtype": dtype,
+            **common,
         }
     )
     return figures
@@ -466,10 +478,11 @@ def saved_bytes(config: Config, device: torch.device, batch: int) -> int:
     once. The growth from one batch to another is the activations without checkpointing (weights and
     autocast's copies of them do not grow with the batch)."""
     torch.manual_seed(config.seed)
-    model = CausalVideoTransformer(**model_kwargs(config)).to(device)
+    model = build_model(model_kwargs(config)).to(device)
+    if config.train.lora is not None:
+        add_lora(model, config.train.lora)
     loss_fn = make_loss(config, config.trajectory.name)
-    side = [g * model.config.patch_size for g in model.grid]
-    x0 = torch.rand(batch, config.data.clip_frames, model.config.in_channels, *side) * 2 - 1
+    x0 = torch.rand(batch, config.data.clip_frames, *model.frame_shape) * 2 - 1
     storages: dict[int, int] = {}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
@@ -483,6 +496,117 @@ def saved_bytes(config: Config, device: torch.device, batch: int) -> int:
     ):
         loss_fn(model, x0.to(device), seed=0)
     return sum(storages.values())
+
+
+# Memory per GPU under FSDP (`scale`): the models, their shapes of tokens, and the bytes the `memory`
+# subcommand measured. Ours: d, layers, heads (x 128, or 64 for the 100M), as BENCHMARKS.md's table; Wan:
+# the published configs of Wan2.1-T2V-1.3B and -14B (diffusers' WanTransformer3DModel).
+SCALE_OURS = {
+    "ours ~100M": dict(num_layers=14, num_attention_heads=10, attention_head_dim=64),
+    "ours ~1B": dict(num_layers=24, num_attention_heads=12, attention_head_dim=128),
+    "ours ~5B": dict(num_layers=30, num_attention_heads=24, attention_head_dim=128),
+}
+SCALE_WAN = {
+    "Wan2.1 1.3B": dict(num_layers=30, num_attention_heads=12, attention_head_dim=128, ffn_dim=8960),
+    "Wan2.1 14B": dict(num_layers=40, num_attention_heads=40, attention_head_dim=128, ffn_dim=13824),
+}
+WAN_COMMON = dict(patch_size=(1, 2, 2), in_channels=16, out_channels=16, text_dim=4096, freq_dim=256)
+GIB = 2**30
+WAN_BYTES = [100.0, 4.0]  # Wan, bf16 autocast: bytes per token and layer = A x d + B x ffn_dim (`memory`)
+
+
+def lora_parameters(model: torch.nn.Module, rank: int) -> int:
+    """Parameters of rank-`rank` adapters on the backbone's default LoRA targets (`dforce.lora`): r(in + out)
+    per adapted linear, matched as peft matches them."""
+    import peft
+    from peft.tuners.tuners_utils import check_target_module_exists
+
+    root = lora_module(model)[1]
+    targets = default_targets(root)
+    config = peft.LoraConfig(target_modules=list(targets))
+    return sum(
+        rank * (module.in_features + module.out_features)
+        for name, module in root.named_modules()
+        if isinstance(module, torch.nn.Linear) and check_target_module_exists(config, name)
+    )
+
+
+def scale_row(
+    name: str,
+    model: torch.nn.Module,
+    args: argparse.Namespace,
+    frames: int,
+    tpf: int,
+    per_token_layer: float,
+    lora: int | None,
+    once_per_token: float = 0.0,
+) -> dict:
+    """One row of the memory-per-GPU table (bytes -> GiB), batch 1 per GPU, bf16 autocast, `args.gpus`-way
+    FSDP with one unit per block. `per_token_layer`: bytes a forward keeps per token and layer (`memory`);
+    `once_per_token`: bytes per token kept once for all layers (Wan's per-token modulation)."""
+    blocks = model.transformer.blocks if hasattr(model, "transformer") else model.blocks
+    params = sum(p.numel() for p in model.parameters())
+    block = sum(p.numel() for p in blocks[0].parameters())
+    layers = len(blocks)
+    d = model_shape(model)["d"]
+    tokens = frames * tpf
+    if lora is None:
+        trainable = params
+        sharded = 20 * params / args.gpus  # fp32 weights 4, gradients 4, AdamW 8, EMA 4
+        gathered = 2 * 4 * block  # the block in use and the one prefetched: bf16 weights and gradients
+    else:
+        trainable = lora_parameters(model, lora)
+        # the frozen base as dforce keeps it (fp32: --lora-base-bytes 4); the adapters as above
+        sharded = (args.lora_base_bytes * params + 20 * trainable) / args.gpus
+        gathered = 2 * 2 * block  # bf16 weights of two blocks; no gradients of the base
+    plain = tokens * layers * per_token_layer + tokens * once_per_token
+    checkpointed = tokens * layers * 2 * d + tokens * per_token_layer + tokens * once_per_token
+    return {
+        "figure": "memory per GPU",
+        "model": name,
+        "params M": params / 1e6,
+        "trainable M": trainable / 1e6,
+        "frames": frames,
+        "tokens/frame": tpf,
+        "state GiB": sharded / GIB,
+        "gathered GiB": gathered / GIB,
+        "act plain GiB": plain / GIB,
+        "act ckpt GiB": checkpointed / GIB,
+        "value": (sharded + gathered + plain) / GIB,
+        "ckpt GiB": (sharded + gathered + checkpointed) / GIB,
+        "unit": "GiB",
+        "gpus": args.gpus,
+        "lora": lora or "no",
+    }
+
+
+def bench_scale(args: argparse.Namespace) -> list[dict]:
+    """Memory per GPU under FSDP, computed (not measured on a GPU): parameters counted on the meta device,
+    activations from the bytes per token and layer that `memory` measures under bf16 autocast."""
+    figures = []
+    with torch.device("meta"):
+        for name, shape in SCALE_OURS.items():
+            model = CausalVideoTransformer(
+                in_channels=16, sample_size=32, patch_size=2, num_frames=16, **shape
+            )  # 256 tokens a frame: 256x256 video through an 8x VAE, patch 2
+            d = model_shape(model)["d"]
+            for frames in args.ours_frames:
+                figures.append(scale_row(name, model, args, frames, 256, args.ours_bytes * d, None))
+        for name, shape in SCALE_WAN.items():
+            sizes = (args.wan_size[0] // 2, args.wan_size[1] // 2)
+            model = CausalWan(
+                transformer_config={**WAN_COMMON, **shape},
+                num_frames=args.wan_frames,
+                sample_size=tuple(args.wan_size),
+            )
+            d = model_shape(model)["d"]
+            per_layer = args.wan_bytes[0] * d + args.wan_bytes[1] * shape["ffn_dim"]
+            once = args.wan_once * d  # the per-token modulation [L, 6, d] in bf16, shared by every block
+            for lora in (None, *args.lora_ranks):
+                figures.append(
+                    scale_row(name, model, args, args.wan_frames, sizes[0] * sizes[1], per_layer, lora, once)
+                )
+    return figures
 
 
 # Small frames (8x8 pixels, 16 tokens): per-frame overheads are small, so the figures show how the work
@@ -781,6 +905,41 @@ def build_parser() -> argparse.ArgumentParser:
     rollout.add_argument("--measure", type=int, default=2, help="frames timed at each index")
     rollout.add_argument("--repeat", type=int, default=2, help="timed runs; the fastest counts")
     rollout.set_defaults(run=bench_rollout)
+    scale = commands.add_parser(
+        "scale",
+        help="memory per GPU under FSDP (computed): ours at 100M-5B, Wan 2.1 1.3B and 14B, with LoRA",
+        description="Memory per GPU of a training step under FSDP2 (one unit per block), batch 1 per GPU, "
+        "bf16 autocast, computed, not measured: parameters counted on the meta device (ours at d640/1536/"
+        "3072; Wan 2.1 1.3B and 14B from their published configs), sharded state (20 bytes a trainable "
+        "weight: fp32 weights, gradients, AdamW moments, EMA; with LoRA the frozen base in fp32, as dforce "
+        "keeps it, 4 bytes), "
+        "two gathered blocks in bf16 (weights and gradients; LoRA: weights), activations from the bytes per "
+        "token and layer that `memory` measures (ours: --ours-bytes x d; Wan: --wan-bytes A B, A x d + B x "
+        "ffn_dim, and --wan-once x d per token once), checkpointed: each block's bf16 input (2d bytes per "
+        "token and layer) plus one block recomputed.",
+    )
+    scale.add_argument("--gpus", type=int, default=8)
+    scale.add_argument("--ours-frames", type=int, nargs="+", default=[16, 64], help="frames of ours")
+    scale.add_argument(
+        "--ours-bytes", type=float, default=64.0, help="ours: bytes per token and layer, per d (bf16)"
+    )
+    scale.add_argument("--wan-frames", type=int, default=21, help="latent frames (21: 81 pixel frames)")
+    scale.add_argument(
+        "--wan-size", type=int, nargs=2, default=[60, 104], help="latent height, width (480x832 / 8)"
+    )
+    scale.add_argument(
+        "--wan-bytes", type=float, nargs=2, default=WAN_BYTES, metavar=("A", "B"),
+        help="Wan: bytes per token and layer = A x d + B x ffn_dim (bf16)",
+    )  # fmt: skip
+    scale.add_argument(
+        "--wan-once", type=float, default=12.0, help="Wan: bytes per token kept once, per d (modulation)"
+    )
+    scale.add_argument("--lora-ranks", type=int, nargs="*", default=[32], help="ranks of the LoRA rows")
+    scale.add_argument(
+        "--lora-base-bytes", type=float, default=4.0, help="bytes a frozen base weight (fp32 4, bf16 2)"
+    )
+    scale.set_defaults(run=bench_scale)
+    memory.add_argument("--lora", type=int, default=None, help="train.lora.rank: adapters, base frozen")
     vae = commands.add_parser(
         "vae",
         help="encode clips/s (pipeline vs VAE alone), decode ms/frame (dforce vs direct), decode memory",
@@ -806,7 +965,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     vae.add_argument("--repeat", type=int, default=2, help="timed runs; the fastest counts")
     vae.set_defaults(run=bench_vae)
-    for command in train, rollout:
+    for command in train, memory, rollout:
         command.add_argument(
             "--backbone",
             choices=["dforce", "wan"],
