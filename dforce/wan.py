@@ -339,12 +339,17 @@ def check_wan(
         except ValueError as error:
             raise ValueError(f"pretrained: {error}") from None
         check_transformer(name, json.loads((path / "config.json").read_text()))
+    elif config is None:  # diffusers' defaults are the 14B shape: never built at random by omission
+        raise ValueError(
+            "pretrained: give the diffusers folder to start from (model.pretrained=DIR), or class_name and "
+            "config (the class's own arguments) for a new random model"
+        )
     else:
         name = class_name or "WanTransformer3DModel"
-        check_transformer(name, config or {})
+        check_transformer(name, config)
         try:  # the values, on the meta device: no memory, no time
             with torch.device("meta"):
-                TRANSFORMERS[name].from_config(config or {})
+                TRANSFORMERS[name].from_config(config)
         except (TypeError, ValueError) as error:
             raise ValueError(f"config: {name} cannot be built from it: {error}") from None
 

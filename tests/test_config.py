@@ -148,4 +148,10 @@ def test_missing_keys_and_files(tmp_path, path):
     "name", sorted(p.name for p in (Path(__file__).parents[1] / "configs").glob("*.yaml"))
 )
 def test_shipped_configs_load(name):
-    load_config(Path(__file__).parents[1] / "configs" / name)
+    path = Path(__file__).parents[1] / "configs" / name
+    if name == "wan_df.yaml":  # its folder comes from the command line; without it nothing is built at random
+        with pytest.raises(ConfigError, match=r"model\.pretrained: give the diffusers folder"):
+            load_config(path)
+        load_config(path, ["model.config={}"])  # an explicit random model of diffusers' default shape
+        return
+    load_config(path)
