@@ -74,6 +74,10 @@ VARIANTS: dict[str, Variant] = {
         (*X0, *CONTEXT_NOISE),
         ("--context-noise", "100"),
     ),
+    "x0_paths": Variant(
+        "x0 under per-frame levels along uniform paths, half the learning rate",
+        (*X0, "trajectory.name=paths", "train.lr=1e-3"),
+    ),
     "x0_balls2": Variant("x0 on clips of 2 balls", (*X0,), balls=2),
     "x0_balls1": Variant("x0 on clips of 1 ball", (*X0,), balls=1),
     "x0_ddpm": Variant(
