@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from torch.nn.attention.flex_attention import BlockMask
 
 from dforce.attention import Backend, KVCache, Layout, Past, attend, attention_mask
-from dforce.model import BlockCausal, place_frames, rotary_tables, teacher_layout
+from dforce.causal import BlockCausal, place_frames, rotary_tables, teacher_layout
 
 # The diffusers classes it wraps, by the `_class_name` their config.json carries.
 TRANSFORMERS: dict[str, type[ModelMixin]] = {
