@@ -36,7 +36,17 @@ from dforce.backbone import load_model
 from dforce.checkpoint import CHECKPOINTS, MODEL, list_checkpoints
 from dforce.config import Config, load_config
 from dforce.engine import LEVEL_BINS, Meter
-from dforce.evaluate import METRICS, Clips, EvalSettings, copy_last_frame, evaluate, read_clips, summarise
+from dforce.evaluate import (
+    BANDS,
+    METRICS,
+    Clips,
+    EvalSettings,
+    band_key,
+    copy_last_frame,
+    evaluate,
+    read_clips,
+    summarise,
+)
 from dforce.loss import make_loss
 from dforce.plots import plot_curves, plot_weightings
 from dforce.scheduling import SCHEDULING_OPTIONS
@@ -53,6 +63,10 @@ TABLE = (  # (column, key in results, digits)
     ("ball error past horizon (px)", "ball_error_past_horizon", 2),
     ("all balls found past horizon", "balls_found_past_horizon", 2),
     ("ELBO (bits/dim)", "elbo_bits_per_dim", 2),
+)
+BAND_TABLE = (  # the balls by horizon multiple: how long each weighting keeps them
+    *((f"all balls found {lo}-{hi}x", band_key("balls_found", lo, hi), 2) for lo, hi in BANDS),
+    *((f"ball error {lo}-{hi}x (px)", band_key("ball_error", lo, hi), 1) for lo, hi in BANDS),
 )
 
 
@@ -123,11 +137,15 @@ def _cell(values: Sequence[float], digits: int) -> str:
 
 
 def markdown_table(
-    rows: list[dict], weightings: Sequence[str], schedules: Sequence[str], baseline: dict | None = None
+    rows: list[dict],
+    weightings: Sequence[str],
+    schedules: Sequence[str],
+    baseline: dict | None = None,
+    table: Sequence[tuple[str, str, int]] = TABLE,
 ) -> str:
-    """Mean ± std over seeds, a row per weighting and schedule; then `baseline` (scores of copying the
-    last context frame), if given."""
-    columns = [name for name, key, _ in TABLE if any(key in row for row in rows)]
+    """Mean ± std over seeds of the `table` columns (name, key, digits) that some row has, a row per
+    weighting and schedule; then `baseline` (scores of copying the last context frame), if given."""
+    columns = [name for name, key, _ in table if any(key in row for row in rows)]
     lines = [
         "| weighting | schedule | " + " | ".join(columns) + " |",
         "|---|---|" + "---|" * len(columns),
@@ -137,13 +155,13 @@ def markdown_table(
             cell = [r for r in rows if r["weighting"] == weighting and r["schedule"] == schedule]
             values = [
                 _cell([r.get(key, math.nan) for r in cell], digits)
-                for name, key, digits in TABLE
+                for name, key, digits in table
                 if name in columns
             ]
             lines.append(f"| {weighting} | {schedule} | " + " | ".join(values) + " |")
     if baseline is not None:
         values = [
-            _cell([baseline.get(key, math.nan)], digits) for name, key, digits in TABLE if name in columns
+            _cell([baseline.get(key, math.nan)], digits) for name, key, digits in table if name in columns
         ]
         lines.append("| copy the last context frame | – | " + " | ".join(values) + " |")
     return "\n".join(lines) + "\n"
@@ -254,12 +272,14 @@ def ablate(
     index = list(range(eval_clips.pixel_frames(val.context_frames), eval_clips.real().shape[1]))
     _, baseline = summarise(copy_last_frame(eval_clips, val.context_frames), index, horizon)
     table = markdown_table(rows, weightings, schedules, baseline)
+    bands = markdown_table(rows, weightings, schedules, baseline, BAND_TABLE)
     header = (
         f"{len(weightings)} weightings x {seeds} seeds, {base.train.max_steps} steps each; {clips} held-out "
         f"clips, {val.context_frames} context frames, {val.rollout_frames} generated, horizon {horizon}, "
         f"{val.sampling_steps} steps a frame. Mean ± std over seeds.\n\n"
     )
-    (root / "results.md").write_text(header + table)
+    by_band = "\nBy horizon multiple (frame t in band a-bx if a * horizon <= t < b * horizon):\n\n"
+    (root / "results.md").write_text(header + table + by_band + bands)
     _plot(root, frame_rows, loss_rows, weightings, schedules, horizon)
     cube = base.trajectory.cube_levels or 16  # two frames on the cube's K x K grid: exact, and readable
     plot_weightings([get_weighting(w, 2, cube) for w in weightings], root / "weightings.png")

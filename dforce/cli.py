@@ -133,6 +133,14 @@ def build_parser() -> argparse.ArgumentParser:
     synthetic.add_argument("--frames", type=int, default=32, help="frames per clip")
     synthetic.add_argument("--size", type=int, default=32, help="frame side in pixels (32 or 64 are usual)")
     synthetic.add_argument("--balls", type=int, default=3)
+    synthetic.add_argument(
+        "--speed",
+        type=float,
+        nargs=2,
+        default=[0.03, 0.06],
+        metavar=("LOW", "HIGH"),
+        help="range of ball speeds, in frame sides per frame",
+    )
     synthetic.add_argument("--seed", type=int, default=0, help="use another seed for a held-out split")
     synthetic.add_argument("--fps", type=float, default=10.0)
     synthetic.add_argument("--prefix", default="train")
@@ -277,6 +285,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument(
         "--context-noise", type=int, default=0, help="level at which finished frames are seen"
     )
+    evaluation.add_argument(
+        "--history-guidance",
+        type=float,
+        default=1.0,
+        help="guidance over the history (unconditional: pure noise)",
+    )
     evaluation.add_argument("--seed", type=int, default=0)
     evaluation.add_argument("--batch-size", type=int, default=16, help="clips rolled out at once")
     evaluation.add_argument(
@@ -295,6 +309,17 @@ def build_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     evaluation.add_argument("--out", default=None, help="output folder (default: eval/ beside the model)")
     evaluation.set_defaults(run=commands.evaluate)
+
+    versus = subcommands.add_parser(
+        "compare",
+        help="evaluations side by side, with error bars",
+        description="Balls found, ball error and MSE per horizon-multiple band (mean ± standard error over "
+        "clips) and frames per second of `dforce eval` folders scored on the same clips and seed.",
+    )
+    versus.add_argument("evals", nargs="+", help="folders written by `dforce eval --out`")
+    versus.add_argument("--names", default=None, help="comma-separated row names (default: the folders)")
+    versus.add_argument("--out", default=None, help="also write the table to this markdown file")
+    versus.set_defaults(run=commands.compare)
 
     grid = subcommands.add_parser(
         "ablate",

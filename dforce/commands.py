@@ -138,6 +138,7 @@ def make_synthetic(args: argparse.Namespace) -> None:
         args.size,
         args.balls,
         args.seed,
+        speed=tuple(args.speed),
         fps=args.fps,
         prefix=args.prefix,
         maxcount=args.maxcount,
@@ -281,6 +282,19 @@ def evaluate(args: argparse.Namespace) -> None:
     summary = {**result["summary"], "frames_per_s": result["frames_per_s"]}
     print(", ".join(f"{key} {value:.4g}" for key, value in summary.items()))
     print("wrote " + ", ".join(map(str, written)))
+
+
+def compare(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from dforce.compare import compare as table
+
+    text = table(args.evals, args.names.split(",") if args.names else None)
+    print(text, end="")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text)
+        print(f"wrote {args.out}")
 
 
 def ablate(args: argparse.Namespace) -> None:

@@ -45,6 +45,7 @@ from dforce.vae import Decoder
 
 BITS_8BIT = math.log2(127.5)  # from bits per [-1, 1] unit to bits per 0..255 unit
 METRICS = ("mse", "psnr", "ssim", "ball_error", "balls_found")
+BANDS = ((0, 1), (1, 2), (2, 4), (4, 8))  # horizon multiples the summary reports a mean for
 LABELS = {
     "mse": "MSE",
     "psnr": "PSNR (dB)",
@@ -175,6 +176,7 @@ class EvalSettings:
     shift: float | None = None  # timestep shift of the steps (`scheduling_matrix`)
     sampler: str = "ddim"
     context_noise: int = 0
+    history_guidance: float = 1.0  # > 1: away from the history-free prediction (needs loss.drop_history)
     seed: int = 0
     batch_size: int = 16
     elbo_draws: int = 32  # 0: no ELBO
@@ -232,16 +234,32 @@ def copy_last_frame(clips: Clips, context_frames: int) -> dict[str, Tensor]:
     return score_frames(still, video[:, known:], clips.balls, known)
 
 
+def band_key(name: str, low: int, high: int) -> str:
+    """The summary key of a score's mean over frames `low * horizon <= t < high * horizon`."""
+    return f"{name}_{low}-{high}x"
+
+
 def summarise(scores: dict[str, Tensor], index: list[int], horizon: int) -> tuple[dict, dict]:
     """Scores [N, F] of frames `index` -> (the mean per frame index, the means inside and past the
-    horizon)."""
+    horizon, and per horizon-multiple band of `BANDS` that has frames: the mean and, as `..._se`, its
+    standard error over the N clips, each clip's own mean in the band counted once)."""
     frames: dict[str, list] = {"index": index}
     summary: dict[str, float] = {}
-    inside = torch.tensor(index) < horizon
+    at = torch.tensor(index)
+    inside = at < horizon
     for name, value in scores.items():
         frames[name] = [_mean(value[:, i]) for i in range(value.shape[1])]
         summary[f"{name}_in_horizon"] = _mean(value[:, inside])
         summary[f"{name}_past_horizon"] = _mean(value[:, ~inside])
+        for low, high in BANDS:
+            band = (at >= low * horizon) & (at < high * horizon)
+            if not band.any():
+                continue
+            per_clip = value[:, band].nanmean(dim=1)  # [N], nan for a clip with no finite score
+            per_clip = per_clip[~torch.isnan(per_clip)]
+            se = per_clip.std() / math.sqrt(len(per_clip)) if len(per_clip) > 1 else math.nan
+            summary[band_key(name, low, high)] = _mean(value[:, band])
+            summary[band_key(name, low, high) + "_se"] = float(se)
     return frames, summary
 
 
@@ -276,6 +294,7 @@ def rollout_scores(
             steps=settings.steps,
             sampler=settings.sampler,
             context_noise=settings.context_noise,
+            history_guidance=settings.history_guidance,
             generator=generator,
             **conditions,
             **settings.schedule_options(),

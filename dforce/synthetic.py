@@ -48,10 +48,19 @@ def _collide(position: np.ndarray, velocity: np.ndarray, radius: np.ndarray, siz
             position[j] += normal * overlap * (1 - share)
 
 
+SPEED = (0.03, 0.06)  # the range of ball speeds, in frame sides per frame
+
+
 def simulate(
-    frames: int, size: int, num_balls: int, rng: np.random.Generator, substeps: int = 8
+    frames: int,
+    size: int,
+    num_balls: int,
+    rng: np.random.Generator,
+    substeps: int = 8,
+    speed: tuple[float, float] = SPEED,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """States `[frames, balls, 4]` (x, y, vx, vy) and radii `[balls]` of one random clip."""
+    """States `[frames, balls, 4]` (x, y, vx, vy) and radii `[balls]` of one random clip; each ball's
+    speed drawn uniformly from `speed` (frame sides per frame)."""
     radius = rng.uniform(0.08, 0.14, num_balls) * size
     position = np.zeros((num_balls, 2))
     for i in range(num_balls):  # rejection sampling of non-overlapping starting places
@@ -63,8 +72,8 @@ def simulate(
         else:
             raise ValueError(f"cannot place {num_balls} balls apart in a {size}x{size} frame")
     angle = rng.uniform(0, 2 * np.pi, num_balls)
-    speed = rng.uniform(0.03, 0.06, num_balls) * size  # pixels per frame
-    velocity = speed[:, None] * np.stack([np.cos(angle), np.sin(angle)], axis=1)  # [balls, 2]
+    pixels = rng.uniform(*speed, num_balls) * size  # pixels per frame
+    velocity = pixels[:, None] * np.stack([np.cos(angle), np.sin(angle)], axis=1)  # [balls, 2]
     states = np.zeros((frames, num_balls, 4))
     for t in range(frames):
         states[t] = np.concatenate([position, velocity], axis=1)
@@ -87,15 +96,22 @@ def render(states: np.ndarray, radius: np.ndarray, colors: np.ndarray, size: int
 
 
 def bouncing_balls(
-    index: int, frames: int = 32, size: int = 32, num_balls: int = 3, seed: int = 0
+    index: int,
+    frames: int = 32,
+    size: int = 32,
+    num_balls: int = 3,
+    seed: int = 0,
+    speed: tuple[float, float] = SPEED,
 ) -> tuple[np.ndarray, dict]:
     """Clip `index` of the dataset `seed`: uint8 frames `[T, size, size, 3]` and its physics record."""
     if num_balls > len(COLORS):
         raise ValueError(f"at most {len(COLORS)} balls, got {num_balls}")
     if frames < 1 or size < 8 or num_balls < 1:
         raise ValueError(f"need frames >= 1, size >= 8, balls >= 1; got {frames}, {size}, {num_balls}")
+    if not 0 <= speed[0] <= speed[1] <= 0.25:
+        raise ValueError(f"speed must be (low, high) with 0 <= low <= high <= 0.25 frame sides, got {speed}")
     rng = np.random.default_rng([seed, index])
-    states, radius = simulate(frames, size, num_balls, rng)
+    states, radius = simulate(frames, size, num_balls, rng, speed=speed)
     colors = COLORS[rng.permutation(len(COLORS))[:num_balls]]
     record = {
         "source": f"bouncing_balls/seed{seed}/{index}",
@@ -114,6 +130,7 @@ def write_bouncing_balls(
     num_balls: int = 3,
     seed: int = 0,
     *,
+    speed: tuple[float, float] = SPEED,
     fps: float = 10.0,
     crf: int = 0,
     prefix: str = "train",
@@ -122,13 +139,14 @@ def write_bouncing_balls(
 ) -> list[str]:
     """Write `num_clips` clips as webdataset shards `out_dir/PREFIX-%06d.tar`; the shard paths.
 
-    Clip `i` depends only on (seed, i, frames, size, num_balls): use another seed for a held-out split.
+    Clip `i` depends only on (seed, i, frames, size, num_balls, speed): use another seed for a held-out
+    split.
     """
     if num_clips < 1:
         raise ValueError(f"num_clips must be >= 1, got {num_clips}")
     with ShardSink(out_dir, prefix, maxcount=maxcount, overwrite=overwrite) as sink:
         for index in range(num_clips):
-            video, record = bouncing_balls(index, frames, size, num_balls, seed)
+            video, record = bouncing_balls(index, frames, size, num_balls, seed, speed)
             record.update(fps=fps, frames=frames, height=size, width=size, seed=seed, index=index)
             sink.write(
                 {"__key__": f"{seed:04d}_{index:07d}", "mp4": encode_video(video, fps, crf), "json": record}

@@ -46,7 +46,10 @@ def test_a_tiny_grid_fills_every_cell_and_resumes(config_file, monkeypatch, caps
     printed = capsys.readouterr().out
     table = (root / "results.md").read_text()
     assert table.splitlines()[-1] in printed
-    *body, baseline = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
+    main_table, band_table = table.split("By horizon multiple")
+    *body, baseline = [
+        line for line in main_table.splitlines() if line.startswith("| ") and "---" not in line
+    ][1:]
     assert [line.split(" | ")[:2] for line in body] == [[f"| {w}", s] for w in WEIGHTINGS for s in SCHEDULES]
     for line in body:
         cells = [c.strip() for c in line.strip("|").split("|")[2:]]
@@ -57,6 +60,12 @@ def test_a_tiny_grid_fills_every_cell_and_resumes(config_file, monkeypatch, caps
     cells = [c.strip() for c in baseline.strip("|").split("|")]
     assert cells[:2] == ["copy the last context frame", "–"] and cells[-1] == "–"  # no ELBO for a copy
     assert all(re.fullmatch(r"\d+\.\d+", c) for c in cells[2:-1]), baseline
+    # Horizon 4, frames 2..5: the 0-1x and 1-2x bands, balls found and ball error in each.
+    header, *rows = [line for line in band_table.splitlines() if line.startswith("| ") and "---" not in line]
+    assert "all balls found 0-1x" in header and "ball error 1-2x (px)" in header and "2-4x" not in header
+    assert len(rows) == len(WEIGHTINGS) * len(SCHEDULES) + 1
+    found = [c.strip() for c in rows[0].strip("|").split("|")][2:4]
+    assert all(re.fullmatch(r"\d\.\d\d ± \d\.\d\d", c) for c in found), rows[0]
 
     with (root / "results.csv").open() as file:
         rows = list(csv.DictReader(file))

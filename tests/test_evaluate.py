@@ -120,6 +120,9 @@ def test_scores_and_summary_agree(shards):
     assert summary["mse_in_horizon"] == pytest.approx(scores["mse"][:, :2].mean().item())  # frames 2, 3
     assert summary["mse_past_horizon"] == pytest.approx(scores["mse"][:, 2:].mean().item())
     assert frames["psnr"][0] == pytest.approx(scores["psnr"][:, 0].mean().item())
+    per_clip = scores["mse"][:, 2:].mean(dim=1)  # [3] frames 4..6: the 1-2x band
+    assert summary["mse_1-2x"] == pytest.approx(per_clip.mean().item())
+    assert summary["mse_1-2x_se"] == pytest.approx(per_clip.std().item() / math.sqrt(3))
     assert math.isfinite(summary["elbo_bits_per_dim"]) and summary["elbo_sem"] > 0
     again = evaluate(model, noise, clips, settings)  # seeded: the same numbers
     assert again["summary"] == summary
@@ -216,6 +219,46 @@ def test_cli_writes_json_csv_and_png(model_dir, shards, tmp_path, capsys):
     assert [int(r["inside_horizon"]) for r in rows] == [1, 1, 0, 0, 0, 0]
     assert float(rows[0]["psnr"]) == pytest.approx(result["frames"]["psnr"][0])
     assert (out / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compare_sets_evaluations_side_by_side_with_error_bars(model_dir, shards, tmp_path, capsys):
+    """`dforce compare` reads two `dforce eval` folders of the same clips and seed, band by band."""
+    args = ["eval", "--model", model_dir, "--data", shards, "--clips", "3", "--context-frames", "2"]
+    args += ["--frames", "8", "--elbo-draws", "0"]
+    main([*args, "--steps", "2", "--out", str(tmp_path / "a")])
+    main([*args, "--steps", "3", "--out", str(tmp_path / "b")])
+    capsys.readouterr()
+    main(
+        [
+            "compare",
+            str(tmp_path / "a"),
+            str(tmp_path / "b"),
+            "--names",
+            "two,three",
+            "--out",
+            str(tmp_path / "t.md"),
+        ]
+    )
+    table = (tmp_path / "t.md").read_text()
+    assert table in capsys.readouterr().out
+    result = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    summary = result["summary"]  # horizon 4, frames 2..9: bands 0-1x (2, 3), 1-2x (4..7), 2-4x (8, 9)
+    assert summary["mse_0-1x"] == pytest.approx(summary["mse_in_horizon"]) and "mse_4-8x" not in summary
+    per_clip = torch.tensor(result["frames"]["mse"])  # the mean over clips per frame; per clip below
+    assert summary["mse_1-2x"] == pytest.approx(per_clip[2:6].mean().item())
+    two = next(line for line in table.splitlines() if line.startswith("| two | 2 |"))
+    cells = [c.strip() for c in two.strip("|").split("|")]
+    assert len(cells) == 3 + 3 * 3  # model, steps, frames/s; 3 scores x 3 bands
+    mean, se = (float(x) for x in cells[3 + 2 * 3].split(" ± "))  # MSE 0-1x
+    assert mean == pytest.approx(summary["mse_0-1x"], abs=1e-4) and se == pytest.approx(
+        summary["mse_0-1x_se"], abs=1e-4
+    )
+    assert summary["mse_0-1x_se"] > 0
+    main([*args, "--steps", "2", "--seed", "1", "--out", str(tmp_path / "c")])
+    with pytest.raises(SystemExit, match=r"differs from .*a in seed: not one test"):
+        main(["compare", str(tmp_path / "a"), str(tmp_path / "c")])
+    with pytest.raises(SystemExit, match=r"nowhere/metrics\.json: no such file"):
+        main(["compare", str(tmp_path / "a"), str(tmp_path / "nowhere")])
 
 
 def test_cli_names_a_missing_model(shards, tmp_path):

@@ -81,3 +81,16 @@ def test_make_synthetic_shards_feed_the_loader(tmp_path, capsys):
         assert np.allclose(states.numpy(), np.array(record["states"])[2:6], atol=1e-4)
         pixels = ((clip.permute(0, 2, 3, 1) + 1) * 127.5).numpy()  # [T, H, W, C]
         assert np.abs(pixels - frames[2:6]).max() <= 3  # near-lossless coding
+
+
+def test_speed_range_sets_how_far_balls_move():
+    size = 32
+    states, _ = simulate(2, size, 4, np.random.default_rng(0), speed=(0.10, 0.12))
+    speed = np.linalg.norm(states[0, :, 2:], axis=-1) / size  # [balls] in frame sides per frame
+    assert ((speed >= 0.10) & (speed <= 0.12)).all()
+    slow, _ = bouncing_balls(0, frames=4, size=size, num_balls=1, seed=0)
+    fast, record = bouncing_balls(0, frames=4, size=size, num_balls=1, seed=0, speed=(0.2, 0.2))
+    assert np.linalg.norm(np.array(record["states"])[0, 0, 2:]) == pytest.approx(0.2 * size)
+    assert not np.array_equal(slow[1:], fast[1:])
+    with pytest.raises(ValueError, match=r"speed must be \(low, high\)"):
+        bouncing_balls(0, speed=(0.1, 0.05))

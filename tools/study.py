@@ -28,8 +28,9 @@ from pathlib import Path
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from dforce.ablate import write_csv
+from dforce.evaluate import BANDS, band_key
 from dforce.plots import plot_curves
-from dforce.synthetic import write_bouncing_balls
+from dforce.synthetic import SPEED, write_bouncing_balls
 
 ROOT = Path(__file__).resolve().parents[1]
 X0 = ["noise.parameterization=x0"]
@@ -40,13 +41,15 @@ CONTEXT_NOISE = ["loss.context_noise=200", "validation.context_noise=100"]
 @dataclass(frozen=True)
 class Variant:
     """One change to the demo: `overrides` of configs/demo.yaml, `eval_args` of `dforce eval`, `balls`
-    per clip of its own bouncing-balls shards (the demo's 3 use --data), and `model_of`: score that
-    variant's model instead of training one (sampler and step studies)."""
+    per clip and their `speed` range of its own bouncing-balls shards (the demo's 3 at the default
+    speed use --data), and `model_of`: score that variant's model, on its data, instead of training one
+    (sampler and step studies)."""
 
     what: str
     overrides: tuple[str, ...] = ()
     eval_args: tuple[str, ...] = ()
     balls: int = 3
+    speed: tuple[float, float] = SPEED
     model_of: str | None = None
 
 
@@ -80,6 +83,23 @@ VARIANTS: dict[str, Variant] = {
     ),
     "x0_balls2": Variant("x0 on clips of 2 balls", (*X0,), balls=2),
     "x0_balls1": Variant("x0 on clips of 1 ball", (*X0,), balls=1),
+    "x0_balls1_hg1.5": Variant(
+        "the x0_balls1 model sampled with history guidance 1.5",
+        eval_args=("--history-guidance", "1.5"),
+        model_of="x0_balls1",
+    ),
+    "x0_balls1_fast": Variant("x0 on 1 ball moving twice as fast", (*X0,), balls=1, speed=(0.06, 0.12)),
+    "x0_balls1_fast_hg1.5": Variant(
+        "the x0_balls1_fast model sampled with history guidance 1.5",
+        eval_args=("--history-guidance", "1.5"),
+        model_of="x0_balls1_fast",
+    ),
+    "x0_balls1_context_noise": Variant(
+        "x0 on 1 ball, history at levels 0..200 in training, 100 at sampling",
+        (*X0, *CONTEXT_NOISE),
+        ("--context-noise", "100"),
+        balls=1,
+    ),
     "x0_ddpm": Variant(
         "the x0 model sampled with DDPM (fresh noise each step)",
         eval_args=("--sampler", "ddpm"),
@@ -89,7 +109,6 @@ VARIANTS: dict[str, Variant] = {
         "the x0 model sampled in 50 DDIM steps", eval_args=("--steps", "50"), model_of="x0"
     ),
 }
-BANDS = ((0, 1), (1, 2), (2, 4), (4, 8))  # horizon multiples
 
 
 def train(name: str, overrides: list[str], out: Path, data: Path, steps: int, every: int) -> float:
@@ -122,16 +141,17 @@ def train(name: str, overrides: list[str], out: Path, data: Path, steps: int, ev
 
 
 def shards(variant: Variant, out: Path, data: Path) -> Path:
-    """The variant's shards: --data for the demo's 3 balls, else made once in OUT/data/ballsN as the
-    Makefile makes the demo's (1024 training clips of 32 frames, 64 held-out clips of 64)."""
-    if variant.balls == 3:
+    """The variant's shards: --data for the demo's 3 balls, else made once in OUT/data/ballsN[_LO-HI] as
+    the Makefile makes the demo's (1024 training clips of 32 frames, 64 held-out clips of 64)."""
+    variant = VARIANTS[variant.model_of] if variant.model_of else variant
+    if (variant.balls, variant.speed) == (3, SPEED):
         return data
-    made = out / "data" / f"balls{variant.balls}"
+    name = f"balls{variant.balls}" + ("" if variant.speed == SPEED else "_{}-{}".format(*variant.speed))
+    made = out / "data" / name
     if not (made / "val-000000.tar").exists():
-        write_bouncing_balls(made, num_clips=1024, frames=32, size=32, num_balls=variant.balls, seed=0)
-        write_bouncing_balls(
-            made, num_clips=64, frames=64, size=32, num_balls=variant.balls, seed=1, prefix="val"
-        )
+        options = {"size": 32, "num_balls": variant.balls, "speed": variant.speed}
+        write_bouncing_balls(made, num_clips=1024, frames=32, seed=0, **options)
+        write_bouncing_balls(made, num_clips=64, frames=64, seed=1, prefix="val", **options)
     return made
 
 
@@ -142,7 +162,8 @@ def evaluate(name: str, out: Path, data: Path, clips: int, steps: int) -> dict:
     variant = VARIANTS[name]
     run = out / "runs" / (variant.model_of or name)
     target = run / "eval" / (name if variant.model_of else "") / f"step_{steps}"
-    if not (target / "metrics.json").exists():
+    saved = target / "metrics.json"
+    if not saved.exists() or "balls_found_0-1x" not in json.loads(saved.read_text())["summary"]:
         horizon = json.loads((run / "model" / "config.json").read_text())["num_frames"]
         command = [
             sys.executable, "-m", "dforce", "eval", "--model", str(run / "model"), "--data",
@@ -156,15 +177,8 @@ def evaluate(name: str, out: Path, data: Path, clips: int, steps: int) -> dict:
 
 def balls_by_band(result: dict) -> dict[str, float]:
     """The share of generated frames with every ball found, per horizon-multiple band."""
-    frames, horizon = result["frames"], result["horizon"]
-    shares = {}
-    for low, high in BANDS:
-        found = [
-            f for t, f in zip(frames["index"], frames["balls_found"], strict=True)
-            if low * horizon <= t < high * horizon and not math.isnan(f)
-        ]  # fmt: skip
-        shares[f"balls_found_{low}-{high}x"] = sum(found) / len(found) if found else math.nan
-    return shares
+    keys = [band_key("balls_found", low, high) for low, high in BANDS]
+    return {key: result["summary"].get(key, math.nan) for key in keys}
 
 
 def curves(name: str, out: Path, cpu_min_per_step: float) -> list[dict]:
@@ -224,7 +238,7 @@ def study(out: Path, names: list[str], data: Path, steps: int, every: int, jobs:
     )  # fmt: skip
     plot_curves(panels, out / "curves.png", "training CPU minutes (one thread)")
     bands = list(range(len(BANDS)))
-    keys = [f"balls_found_{low}-{high}x" for low, high in BANDS]
+    keys = [band_key("balls_found", low, high) for low, high in BANDS]
     balls = {
         "frames with every ball found": {r["variant"]: (bands, [r[k] for k in keys], None) for r in rows}
     }
