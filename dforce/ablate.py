@@ -37,19 +37,17 @@ from dforce.checkpoint import CHECKPOINTS, MODEL, list_checkpoints
 from dforce.config import Config, load_config
 from dforce.engine import LEVEL_BINS, Meter
 from dforce.evaluate import (
-    BANDS,
     METRICS,
     Clips,
     EvalSettings,
-    band_key,
     copy_last_frame,
     evaluate,
     read_clips,
-    summarise,
 )
 from dforce.loss import make_loss
 from dforce.plots import plot_curves, plot_weightings
 from dforce.scheduling import SCHEDULING_OPTIONS
+from dforce.summary import BANDS, band_key, summarise
 from dforce.train import train
 from dforce.trainer import data_space
 from dforce.trajectory import get_weighting

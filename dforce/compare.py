@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from dforce import DforceError
-from dforce.evaluate import BANDS, band_key
+from dforce.summary import BANDS, band_key
 
 SAME = ("context_frames", "seed")  # settings that must agree for a side-by-side reading
 SCORES = (("all balls found", "balls_found", 2), ("ball error (px)", "ball_error", 1), ("MSE", "mse", 4))

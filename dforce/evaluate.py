@@ -39,13 +39,13 @@ from dforce.noise import NoiseConfig
 from dforce.plots import plot_curves
 from dforce.reading import read_samples
 from dforce.rollout import chunk_schedule, rollout, truncate
+from dforce.summary import summarise
 from dforce.text import MASK, STATES, Text
 from dforce.trajectory import get_weighting
 from dforce.vae import Decoder
 
 BITS_8BIT = math.log2(127.5)  # from bits per [-1, 1] unit to bits per 0..255 unit
 METRICS = ("mse", "psnr", "ssim", "ball_error", "balls_found")
-BANDS = ((0, 1), (1, 2), (2, 4), (4, 8))  # horizon multiples the summary reports a mean for
 LABELS = {
     "mse": "MSE",
     "psnr": "PSNR (dB)",
@@ -204,12 +204,6 @@ def _batches(clips: Clips, size: int, model: Backbone):
         yield part, clips.video[part], conditions
 
 
-def _mean(values: Tensor) -> float:
-    """Mean of the finite-or-inf values, nan-free (ball errors are nan where no ball is found)."""
-    kept = values[~torch.isnan(values)]
-    return kept.mean().item() if kept.numel() else math.nan
-
-
 def score_frames(
     fake: Tensor, real: Tensor, balls: list[dict[str, Tensor]] | None, first: int
 ) -> dict[str, Tensor]:
@@ -232,35 +226,6 @@ def copy_last_frame(clips: Clips, context_frames: int) -> dict[str, Tensor]:
     video, known = clips.real(), clips.pixel_frames(context_frames)
     still = video[:, known - 1 : known].expand(-1, video.shape[1] - known, -1, -1, -1)
     return score_frames(still, video[:, known:], clips.balls, known)
-
-
-def band_key(name: str, low: int, high: int) -> str:
-    """The summary key of a score's mean over frames `low * horizon <= t < high * horizon`."""
-    return f"{name}_{low}-{high}x"
-
-
-def summarise(scores: dict[str, Tensor], index: list[int], horizon: int) -> tuple[dict, dict]:
-    """Scores [N, F] of frames `index` -> (the mean per frame index, the means inside and past the
-    horizon, and per horizon-multiple band of `BANDS` that has frames: the mean and, as `..._se`, its
-    standard error over the N clips, each clip's own mean in the band counted once)."""
-    frames: dict[str, list] = {"index": index}
-    summary: dict[str, float] = {}
-    at = torch.tensor(index)
-    inside = at < horizon
-    for name, value in scores.items():
-        frames[name] = [_mean(value[:, i]) for i in range(value.shape[1])]
-        summary[f"{name}_in_horizon"] = _mean(value[:, inside])
-        summary[f"{name}_past_horizon"] = _mean(value[:, ~inside])
-        for low, high in BANDS:
-            band = (at >= low * horizon) & (at < high * horizon)
-            if not band.any():
-                continue
-            per_clip = value[:, band].nanmean(dim=1)  # [N], nan for a clip with no finite score
-            per_clip = per_clip[~torch.isnan(per_clip)]
-            se = per_clip.std() / math.sqrt(len(per_clip)) if len(per_clip) > 1 else math.nan
-            summary[band_key(name, low, high)] = _mean(value[:, band])
-            summary[band_key(name, low, high) + "_se"] = float(se)
-    return frames, summary
 
 
 def rollout_scores(

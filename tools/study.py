@@ -28,8 +28,8 @@ from pathlib import Path
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from dforce.ablate import write_csv
-from dforce.evaluate import BANDS, band_key
 from dforce.plots import plot_curves
+from dforce.summary import BANDS, band_key
 from dforce.synthetic import SPEED, write_bouncing_balls
 
 ROOT = Path(__file__).resolve().parents[1]
