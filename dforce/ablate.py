@@ -240,6 +240,7 @@ def ablate(
                 scheduling=schedule,
                 steps=val.sampling_steps,
                 context_noise=val.context_noise,
+                history_guidance=val.history_guidance,
                 seed=base.seed,
                 batch_size=min(clips, 16),
                 elbo_draws=elbo_draws,

@@ -119,6 +119,11 @@ class ValidationConfig:
     sampling_steps: int = 10
     scheduling: str = "autoregressive"
     context_noise: int = 0  # level at which finished frames are seen (`rollout`'s context_noise)
+    history_guidance: float = 1.0  # > 1: sampled frames pushed away from the history-free prediction
+
+    def __post_init__(self) -> None:
+        if self.history_guidance < 1:
+            raise ValueError(f"history_guidance: must be >= 1 (1: none), got {self.history_guidance}")
 
 
 @dataclass
@@ -174,6 +179,9 @@ class Config:
             raise ValueError(f"objective: must be denoising or self_forcing, got {self.objective!r}")
         if self.objective == "self_forcing" and self.self_forcing is None:
             raise ValueError("self_forcing: objective self_forcing needs this section (at least its teacher)")
+        guided = self.validation.history_guidance != 1
+        if self.objective == "denoising" and guided and not self.loss.drop_history:
+            raise ValueError("validation.history_guidance: needs loss.drop_history > 0 (the history-free branch)")
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:

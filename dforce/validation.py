@@ -78,8 +78,12 @@ def validate(
                 continue
             context, truth = x0[:, : val.context_frames], x0[:, val.context_frames]
             guesses = {"copy_last_frame_mse": context[:, -1]}
-            # One step from pure noise is the model's posterior mean, the least-squares prediction.
-            for name, steps in (("next_frame_mse", val.sampling_steps), ("next_frame_mse_1step", 1)):
+            # One unguided step from pure noise is the posterior mean, the least-squares prediction; the
+            # sample uses the rollouts' sampler, history guidance included.
+            for name, steps, guide in (
+                ("next_frame_mse", val.sampling_steps, val.history_guidance),
+                ("next_frame_mse_1step", 1, 1.0),
+            ):
                 guesses[name] = rollout(
                     net,
                     schedule,
@@ -88,6 +92,7 @@ def validate(
                     1,
                     steps=steps,
                     context_noise=val.context_noise,
+                    history_guidance=guide,
                     labels=labels,
                     actions=actions,
                     text=text,
@@ -152,6 +157,7 @@ def write_rollouts(
         scheduling=val.scheduling,
         steps=val.sampling_steps,
         context_noise=val.context_noise,
+        history_guidance=val.history_guidance,
         labels=batch["label"].to(accelerator.device) if "label" in batch else None,
         actions=batch["actions"].to(accelerator.device) if "actions" in batch else None,
         text=model_text(model, batch, accelerator.device),

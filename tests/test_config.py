@@ -79,6 +79,8 @@ def test_loads_tree_with_overrides(path):
             ["validation.scheduling=foo"],
             r"validation\.scheduling: unknown schedule 'foo'; choose from autoregr",
         ),
+        (["validation.history_guidance=0.5"], r"validation\.history_guidance: must be >= 1 \(1: none\)"),
+        (["validation.history_guidance=2"], r"validation\.history_guidance: needs loss\.drop_history > 0"),
         (["validation.sampling_steps=5000"], r"validation\.scheduling: steps must be in 1\.\.levels=1000"),
         (
             ["train.trackers=[tensorboard, foo]"],

@@ -162,6 +162,8 @@ def test_validation_and_logs(tmp_path, config_file, data, capsys):
         "validation.context_frames=2",
         "validation.rollout_frames=10",  # past the 4-frame horizon
         "validation.sampling_steps=3",
+        "loss.drop_history=0.2",
+        "validation.history_guidance=1.5",  # the sampled next frame and the rollouts guided
     ]
     train(load_config(config_file, overrides))
     out = capsys.readouterr().out

@@ -271,10 +271,10 @@ def main(argv: list[str] | None = None) -> None:
     names = args.only.split(",")
     if unknown := sorted(set(names) - set(VARIANTS)):
         sys.exit(f"study: unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
-    data = Path(args.data)
+    data = Path(args.data).resolve()  # runs record absolute paths, so a rerun from elsewhere matches them
     if not (data / "val-000000.tar").exists():
         sys.exit(f"study: no shards in {data}: run make demo first, or pass --data")
-    study(Path(args.out), names, data, args.steps, args.every, args.jobs, args.clips)
+    study(Path(args.out).resolve(), names, data, args.steps, args.every, args.jobs, args.clips)
 
 
 if __name__ == "__main__":
