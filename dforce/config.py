@@ -181,7 +181,7 @@ class Config:
             raise ValueError("self_forcing: objective self_forcing needs this section (at least its teacher)")
         guided = self.validation.history_guidance != 1
         if self.objective == "denoising" and guided and not self.loss.drop_history:
-            raise ValueError("validation.history_guidance: needs loss.drop_history > 0 (its history-free branch)")
+            raise ValueError("validation.history_guidance: needs loss.drop_history > 0 (history-free branch)")
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
