@@ -65,6 +65,7 @@ TABLE = (  # (column, key in results, digits)
 BAND_TABLE = (  # the balls by horizon multiple: how long each weighting keeps them
     *((f"all balls found {lo}-{hi}x", band_key("balls_found", lo, hi), 2) for lo, hi in BANDS),
     *((f"ball error {lo}-{hi}x (px)", band_key("ball_error", lo, hi), 1) for lo, hi in BANDS),
+    *((f"ball speed / real {lo}-{hi}x", band_key("ball_speed", lo, hi), 2) for lo, hi in BANDS),
 )
 
 

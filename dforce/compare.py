@@ -11,7 +11,12 @@ from dforce import DforceError
 from dforce.summary import BANDS, band_key
 
 SAME = ("context_frames", "seed")  # settings that must agree for a side-by-side reading
-SCORES = (("all balls found", "balls_found", 2), ("ball error (px)", "ball_error", 1), ("MSE", "mse", 4))
+SCORES = (
+    ("all balls found", "balls_found", 2),
+    ("ball error (px)", "ball_error", 1),
+    ("ball speed / real", "ball_speed", 2),
+    ("MSE", "mse", 4),
+)
 
 
 class CompareError(DforceError, ValueError):

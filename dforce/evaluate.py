@@ -34,7 +34,7 @@ from dforce.data import to_float
 from dforce.decode import VIDEO_EXTENSIONS, SkipSample, decode_video
 from dforce.latents import LatentSpace
 from dforce.likelihood import NLL, elbo, ode_nll
-from dforce.metrics import ball_errors, frame_metrics
+from dforce.metrics import ball_errors, ball_speed, frame_metrics
 from dforce.noise import NoiseConfig
 from dforce.plots import plot_curves
 from dforce.reading import read_samples
@@ -45,13 +45,14 @@ from dforce.trajectory import get_weighting
 from dforce.vae import Decoder
 
 BITS_8BIT = math.log2(127.5)  # from bits per [-1, 1] unit to bits per 0..255 unit
-METRICS = ("mse", "psnr", "ssim", "ball_error", "balls_found")
+METRICS = ("mse", "psnr", "ssim", "ball_error", "balls_found", "ball_speed")
 LABELS = {
     "mse": "MSE",
     "psnr": "PSNR (dB)",
     "ssim": "SSIM",
     "ball_error": "ball position error (px)",
     "balls_found": "frames with all balls found",
+    "ball_speed": "ball speed / recorded speed",
 }
 
 
@@ -211,12 +212,14 @@ def score_frames(
     whole clip) are compared from frame `first` on."""
     scores = frame_metrics(fake, real)
     if balls is not None:
-        found = [
-            ball_errors(frames, b["states"][first : first + fake.shape[1]], b["colors"], b["radius"])
+        args = [
+            (frames, b["states"][first : first + fake.shape[1]], b["colors"], b["radius"])
             for frames, b in zip(fake, balls, strict=True)
         ]
+        found = [ball_errors(*a) for a in args]
         scores["ball_error"] = torch.stack([error for error, _ in found])
         scores["balls_found"] = torch.stack([all_found for _, all_found in found]).double()
+        scores["ball_speed"] = torch.stack([ball_speed(*a) for a in args])
     return scores
 
 
@@ -236,7 +239,8 @@ def rollout_scores(
     decoder: Decoder | None = None,
 ) -> tuple[dict[str, Tensor], float]:
     """Per clip and generated pixel frame, float64 [N, P - context's pixel frames] each: `mse`, `psnr`,
-    `ssim`, and with balls `ball_error` (nan where none is found) and `balls_found` (1.0 if all are); for a
+    `ssim`, and with balls `ball_error` (nan where none is found), `balls_found` (1.0 if all are) and
+    `ball_speed` (`dforce.metrics.ball_speed`); for a
     latent model (`decoder`) against the decoded real latents, and as `*_vs_original` against the stored
     video too where the shards kept it. And the model frames generated per second (wall time of the
     rollouts alone, batches of `batch_size` clips)."""

@@ -111,7 +111,8 @@ def test_scores_and_summary_agree(shards):
     settings = EvalSettings(context_frames=2, steps=3, batch_size=2, elbo_draws=2)
     scores, frames_per_s = rollout_scores(model, noise, clips, settings)
     assert frames_per_s > 0
-    assert set(scores) == {"mse", "psnr", "ssim", "ball_error", "balls_found"}
+    assert set(scores) == {"mse", "psnr", "ssim", "ball_error", "balls_found", "ball_speed"}
+    assert scores["ball_speed"][:, 0].isnan().all()  # no earlier generated frame to have moved from
     assert all(v.shape == (3, 5) for v in scores.values())
     torch.testing.assert_close(scores["psnr"], 10 * torch.log10(4 / scores["mse"]))
     result = evaluate(model, noise, clips, settings)
@@ -248,8 +249,8 @@ def test_compare_sets_evaluations_side_by_side_with_error_bars(model_dir, shards
     assert summary["mse_1-2x"] == pytest.approx(per_clip[2:6].mean().item())
     two = next(line for line in table.splitlines() if line.startswith("| two | 2 |"))
     cells = [c.strip() for c in two.strip("|").split("|")]
-    assert len(cells) == 3 + 3 * 3  # model, steps, frames/s; 3 scores x 3 bands
-    mean, se = (float(x) for x in cells[3 + 2 * 3].split(" ± "))  # MSE 0-1x
+    assert len(cells) == 3 + 4 * 3  # model, steps, frames/s; 4 scores x 3 bands
+    mean, se = (float(x) for x in cells[3 + 3 * 3].split(" ± "))  # MSE 0-1x
     assert mean == pytest.approx(summary["mse_0-1x"], abs=1e-4) and se == pytest.approx(
         summary["mse_0-1x_se"], abs=1e-4
     )
