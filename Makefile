@@ -42,7 +42,7 @@ ablation: install outputs/ablation/data/val-000000.tar
 
 outputs/ablation/data/val-000000.tar: | install
 	$(BIN)/dforce make-synthetic --out outputs/ablation/data --clips 512 --frames 12 --size 16 --balls 2 --overwrite
-	$(BIN)/dforce make-synthetic --out outputs/ablation/data --clips 16 --frames 24 --size 16 --balls 2 --seed 1 \
+	$(BIN)/dforce make-synthetic --out outputs/ablation/data --clips 16 --frames 64 --size 16 --balls 2 --seed 1 \
 		--prefix val --overwrite
 
 outputs/demo/run/model/noise.json: | install

@@ -254,11 +254,13 @@ def sample(args: argparse.Namespace) -> None:
 
 
 def evaluate(args: argparse.Namespace) -> None:
+    import re
     from pathlib import Path
 
     import torch
 
     from dforce.backbone import load_model
+    from dforce.compare import table
     from dforce.evaluate import EvalSettings, evaluate, read_clips, write_report
     from dforce.latents import LatentSpace
     from dforce.sampler import SAMPLERS
@@ -279,8 +281,10 @@ def evaluate(args: argparse.Namespace) -> None:
     result = evaluate(model, noise, clips, settings, decoder)
     out = Path(args.out) if args.out else Path(args.model).parent / "eval"
     written = write_report(result, out, title=f"{args.model} on {args.data}, {args.scheduling}")
-    summary = {**result["summary"], "frames_per_s": result["frames_per_s"]}
+    bands = re.compile(r"_\d+-\d+x(_se)?$")  # printed as the table below
+    summary = {k: v for k, v in result["summary"].items() if not bands.search(k)}
     print(", ".join(f"{key} {value:.4g}" for key, value in summary.items()))
+    print(table([result], [args.model]), end="")
     print("wrote " + ", ".join(map(str, written)))
 
 

@@ -32,8 +32,8 @@ def read_eval(folder: str | Path) -> dict:
 
 
 def compare(folders: list[str | Path], names: list[str] | None = None) -> str:
-    """A markdown table, a row per evaluation (named by `names` or its folder): mean ± standard error
-    over clips per band, for each score the evaluations have, and frames generated per second."""
+    """A markdown table, a row per evaluation (named by `names` or its folder) and one for copying the
+    last context frame: mean ± standard error over clips per band, and frames generated per second."""
     results = [read_eval(f) for f in folders]
     names = names or [str(f) for f in folders]
     if len(names) != len(results):
@@ -45,6 +45,12 @@ def compare(folders: list[str | Path], names: list[str] | None = None) -> str:
             differs.append("clips or horizon")
         if differs:
             raise CompareError(f"{folder} differs from {folders[0]} in {', '.join(differs)}: not one test")
+    return table(results, names)
+
+
+def table(results: list[dict], names: list[str]) -> str:
+    """The table of `compare` for evaluation results (`dforce.evaluate.evaluate`) of the same clips."""
+    first = results[0]
     bands = [(lo, hi) for lo, hi in BANDS if band_key("mse", lo, hi) in first["summary"]]
     columns = [
         (f"{title} {lo}-{hi}x", band_key(key, lo, hi), digits)
@@ -52,18 +58,22 @@ def compare(folders: list[str | Path], names: list[str] | None = None) -> str:
         if band_key(key, *bands[0]) in first["summary"]
         for lo, hi in bands
     ]
+
+    def cells(summary: dict) -> str:
+        return " | ".join(
+            f"{summary[key]:.{digits}f} ± {summary[key + '_se']:.{digits}f}" if key in summary else "–"
+            for _, key, digits in columns
+        )
+
     lines = [
         "| model | steps | frames/s | " + " | ".join(c for c, _, _ in columns) + " |",
         "|---|---|---|" + "---|" * len(columns),
     ]
     for name, result in zip(names, results, strict=True):
-        summary = result["summary"]
-        cells = [
-            f"{summary[key]:.{digits}f} ± {summary[key + '_se']:.{digits}f}" if key in summary else "–"
-            for _, key, digits in columns
-        ]
         speed = f"{result['frames_per_s']:.1f}"
-        lines.append(f"| {name} | {result['settings']['steps']} | {speed} | " + " | ".join(cells) + " |")
+        lines.append(f"| {name} | {result['settings']['steps']} | {speed} | {cells(result['summary'])} |")
+    if "copy_last_frame" in first:  # the forecast every model must beat, on the same clips
+        lines.append(f"| copy the last context frame | – | – | {cells(first['copy_last_frame'])} |")
     return (
         f"{first['clips']} clips, horizon {first['horizon']} frames, seed {first['settings']['seed']}; "
         "mean ± standard error over clips.\n\n" + "\n".join(lines) + "\n"

@@ -346,7 +346,9 @@ def evaluate(
     of its latents, in bits per latent dimension."""
     scores, frames_per_s = rollout_scores(model, noise, clips, settings, decoder)
     horizon, first = clips.pixel_frames(model.horizon), clips.pixel_frames(settings.context_frames)
-    frames, summary = summarise(scores, list(range(first, clips.real().shape[1])), horizon)
+    index = list(range(first, clips.real().shape[1]))
+    frames, summary = summarise(scores, index, horizon)
+    _, baseline = summarise(copy_last_frame(clips, settings.context_frames), index, horizon)
     if settings.elbo_draws or settings.ode_steps:
         unit, offset = ("bits_per_dim", BITS_8BIT) if clips.space is None else ("bits_per_latent_dim", 0.0)
         for name, nll in likelihoods(model, noise, clips, settings).items():
@@ -357,6 +359,7 @@ def evaluate(
         "clips": len(clips.video),
         "settings": dataclasses.asdict(settings),
         "summary": summary,
+        "copy_last_frame": baseline,  # the same scores of the last context frame held still
         "frames_per_s": frames_per_s,
         "frames": frames,
     }

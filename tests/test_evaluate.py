@@ -211,7 +211,8 @@ def test_cli_writes_json_csv_and_png(model_dir, shards, tmp_path, capsys):
         ]
     )
     printed = capsys.readouterr().out
-    assert "psnr_past_horizon" in printed and "ode_bits_per_dim" in printed
+    assert "psnr_past_horizon" in printed and "ode_bits_per_dim" in printed and "mse_0-1x" not in printed
+    assert "| MSE 0-1x |" in printed and "| copy the last context frame | – | – |" in printed  # the table
     result = json.loads((out / "metrics.json").read_text())
     assert result["settings"]["scheduling"] == "pyramid" and result["clips"] == 2
     with (out / "metrics.csv").open() as file:
@@ -247,6 +248,9 @@ def test_compare_sets_evaluations_side_by_side_with_error_bars(model_dir, shards
     assert summary["mse_0-1x"] == pytest.approx(summary["mse_in_horizon"]) and "mse_4-8x" not in summary
     per_clip = torch.tensor(result["frames"]["mse"])  # the mean over clips per frame; per clip below
     assert summary["mse_1-2x"] == pytest.approx(per_clip[2:6].mean().item())
+    copy = next(line for line in table.splitlines() if line.startswith("| copy the last context frame |"))
+    speeds = [c.strip() for c in copy.strip("|").split("|")][3 + 2 * 3 : 3 + 3 * 3]
+    assert speeds == ["0.00 ± 0.00"] * 3  # a ball held still does not move
     two = next(line for line in table.splitlines() if line.startswith("| two | 2 |"))
     cells = [c.strip() for c in two.strip("|").split("|")]
     assert len(cells) == 3 + 4 * 3  # model, steps, frames/s; 4 scores x 3 bands
