@@ -25,13 +25,17 @@ demo: install outputs/demo/data/train-000003.tar outputs/demo/data/val-000000.ta
 
 # Self-forcing on the demo's model (made by `make demo` if missing): a 4-step generator trained on its own
 # rollouts (configs/self_forcing_demo.yaml; rerun to resume), then rollout error by frame index, 8x past the
-# horizon, for the teacher's 50-step sampler and the generator, and a rollout beside the real clip.
+# horizon, for the teacher's 50-step sampler and the generator, side by side on the same clips and seed
+# (balls found, ball error and speed by horizon multiple, with standard errors; frames per second), and a
+# rollout beside the real clip.
 self-forcing-demo: install outputs/demo/run/model/noise.json
 	$(BIN)/dforce train configs/self_forcing_demo.yaml
 	$(BIN)/dforce eval --model outputs/demo/run/model --data "outputs/demo/data/val-*.tar" --clips 32 \
 		--context-frames 4 --frames 60 --steps 50 --elbo-draws 0 --out outputs/demo/eval_teacher_50steps
 	$(BIN)/dforce eval --model outputs/demo/self_forcing/model --data "outputs/demo/data/val-*.tar" --clips 32 \
 		--context-frames 4 --frames 60 --steps 4 --elbo-draws 0 --out outputs/demo/eval_self_forcing_4steps
+	$(BIN)/dforce compare outputs/demo/eval_teacher_50steps outputs/demo/eval_self_forcing_4steps \
+		--names "teacher (50 steps),self-forcing (4 steps)" --out outputs/demo/self_forcing_vs_teacher.md
 	$(BIN)/dforce sample --model outputs/demo/self_forcing/model --context "outputs/demo/data/val-*.tar" \
 		--context-frames 4 --frames 60 --steps 4 --seed 0 --out outputs/demo/self_forcing_rollout.mp4
 

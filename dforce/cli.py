@@ -141,6 +141,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar=("LOW", "HIGH"),
         help="range of ball speeds, in frame sides per frame",
     )
+    synthetic.add_argument(
+        "--radius",
+        type=float,
+        nargs=2,
+        default=[0.08, 0.14],
+        metavar=("LOW", "HIGH"),
+        help="range of ball radii, in frame sides",
+    )
     synthetic.add_argument("--seed", type=int, default=0, help="use another seed for a held-out split")
     synthetic.add_argument("--fps", type=float, default=10.0)
     synthetic.add_argument("--prefix", default="train")

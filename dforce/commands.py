@@ -139,6 +139,7 @@ def make_synthetic(args: argparse.Namespace) -> None:
         args.balls,
         args.seed,
         speed=tuple(args.speed),
+        radius=tuple(args.radius),
         fps=args.fps,
         prefix=args.prefix,
         maxcount=args.maxcount,

@@ -49,6 +49,7 @@ def _collide(position: np.ndarray, velocity: np.ndarray, radius: np.ndarray, siz
 
 
 SPEED = (0.03, 0.06)  # the range of ball speeds, in frame sides per frame
+RADIUS = (0.08, 0.14)  # the range of ball radii, in frame sides
 
 
 def simulate(
@@ -58,10 +59,11 @@ def simulate(
     rng: np.random.Generator,
     substeps: int = 8,
     speed: tuple[float, float] = SPEED,
+    radius: tuple[float, float] = RADIUS,
 ) -> tuple[np.ndarray, np.ndarray]:
     """States `[frames, balls, 4]` (x, y, vx, vy) and radii `[balls]` of one random clip; each ball's
-    speed drawn uniformly from `speed` (frame sides per frame)."""
-    radius = rng.uniform(0.08, 0.14, num_balls) * size
+    speed and radius drawn uniformly from `speed` and `radius` (frame sides per frame, frame sides)."""
+    radius = rng.uniform(*radius, num_balls) * size
     position = np.zeros((num_balls, 2))
     for i in range(num_balls):  # rejection sampling of non-overlapping starting places
         for _ in range(1000):
@@ -102,6 +104,7 @@ def bouncing_balls(
     num_balls: int = 3,
     seed: int = 0,
     speed: tuple[float, float] = SPEED,
+    radius: tuple[float, float] = RADIUS,
 ) -> tuple[np.ndarray, dict]:
     """Clip `index` of the dataset `seed`: uint8 frames `[T, size, size, 3]` and its physics record."""
     if num_balls > len(COLORS):
@@ -110,16 +113,18 @@ def bouncing_balls(
         raise ValueError(f"need frames >= 1, size >= 8, balls >= 1; got {frames}, {size}, {num_balls}")
     if not 0 <= speed[0] <= speed[1] <= 0.25:
         raise ValueError(f"speed must be (low, high) with 0 <= low <= high <= 0.25 frame sides, got {speed}")
+    if not 0 < radius[0] <= radius[1] <= 0.25:
+        raise ValueError(f"radius must be (low, high) with 0 < low <= high <= 0.25 frame sides, got {radius}")
     rng = np.random.default_rng([seed, index])
-    states, radius = simulate(frames, size, num_balls, rng, speed=speed)
+    states, radii = simulate(frames, size, num_balls, rng, speed=speed, radius=radius)
     colors = COLORS[rng.permutation(len(COLORS))[:num_balls]]
     record = {
         "source": f"bouncing_balls/seed{seed}/{index}",
         "states": states.round(5).tolist(),
-        "radius": radius.round(5).tolist(),
+        "radius": radii.round(5).tolist(),
         "colors": colors.astype(int).tolist(),
     }
-    return render(states, radius, colors, size), record
+    return render(states, radii, colors, size), record
 
 
 def write_bouncing_balls(
@@ -131,6 +136,7 @@ def write_bouncing_balls(
     seed: int = 0,
     *,
     speed: tuple[float, float] = SPEED,
+    radius: tuple[float, float] = RADIUS,
     fps: float = 10.0,
     crf: int = 0,
     prefix: str = "train",
@@ -139,14 +145,14 @@ def write_bouncing_balls(
 ) -> list[str]:
     """Write `num_clips` clips as webdataset shards `out_dir/PREFIX-%06d.tar`; the shard paths.
 
-    Clip `i` depends only on (seed, i, frames, size, num_balls, speed): use another seed for a held-out
+    Clip `i` depends only on (seed, i, frames, size, num_balls, speed, radius): use another seed for a held-out
     split.
     """
     if num_clips < 1:
         raise ValueError(f"num_clips must be >= 1, got {num_clips}")
     with ShardSink(out_dir, prefix, maxcount=maxcount, overwrite=overwrite) as sink:
         for index in range(num_clips):
-            video, record = bouncing_balls(index, frames, size, num_balls, seed, speed)
+            video, record = bouncing_balls(index, frames, size, num_balls, seed, speed, radius)
             record.update(fps=fps, frames=frames, height=size, width=size, seed=seed, index=index)
             sink.write(
                 {"__key__": f"{seed:04d}_{index:07d}", "mp4": encode_video(video, fps, crf), "json": record}
