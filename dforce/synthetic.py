@@ -145,8 +145,8 @@ def write_bouncing_balls(
 ) -> list[str]:
     """Write `num_clips` clips as webdataset shards `out_dir/PREFIX-%06d.tar`; the shard paths.
 
-    Clip `i` depends only on (seed, i, frames, size, num_balls, speed, radius): use another seed for a held-out
-    split.
+    Clip `i` depends only on (seed, i, frames, size, num_balls, speed, radius): use another seed for a
+    held-out split.
     """
     if num_clips < 1:
         raise ValueError(f"num_clips must be >= 1, got {num_clips}")
