@@ -1,4 +1,5 @@
 import json
+import math
 
 import numpy as np
 import pytest
@@ -94,3 +95,15 @@ def test_speed_range_sets_how_far_balls_move():
     assert not np.array_equal(slow[1:], fast[1:])
     with pytest.raises(ValueError, match=r"speed must be \(low, high\)"):
         bouncing_balls(0, speed=(0.1, 0.05))
+
+
+def test_radius_range_sets_ball_size():
+    size = 16
+    _, radius = simulate(2, size, 3, np.random.default_rng(0), radius=(0.2, 0.22))
+    assert ((radius >= 0.2 * size) & (radius <= 0.22 * size)).all()
+    video, record = bouncing_balls(0, frames=1, size=size, num_balls=1, radius=(0.25, 0.25))
+    assert record["radius"] == [pytest.approx(0.25 * size)]
+    lit = (video[0].max(axis=-1) > 0).sum()  # pixels the disc touches, its anti-aliased rim included
+    assert math.pi * 4**2 <= lit <= math.pi * 5**2
+    with pytest.raises(ValueError, match=r"radius must be \(low, high\)"):
+        bouncing_balls(0, radius=(0.0, 0.1))
