@@ -1,10 +1,11 @@
-"""What makes the demo's model hold together: train variants of `configs/demo.yaml` on this machine and
+"""What makes the demo's model hold together: train variants of `configs/study.yaml` (the demo as it was
+when the study began) on this machine and
 score each on held-out clips, against CPU minutes.
 
     python tools/study.py --out outputs/study                       # every variant, 2 at a time
     python tools/study.py --out outputs/study --only base,patch4 --steps 1500 --jobs 1
 
-Each variant is a list of dotted overrides of the demo's config, trained with `dforce train` in its own
+Each variant is a list of dotted overrides of that config, trained with `dforce train` in its own
 process (one thread, so that `--jobs` runs share the cores fairly), into OUT/runs/NAME; rerunning skips
 finished runs and evaluations, and resumes killed ones. Every `--every` steps validation logs the held-out
 next-frame error (sampled in 10 steps, and the one-step posterior mean) beside copying the last frame;
@@ -30,26 +31,29 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from dforce.ablate import write_csv
 from dforce.plots import plot_curves
 from dforce.summary import BANDS, band_key
-from dforce.synthetic import SPEED, write_bouncing_balls
+from dforce.synthetic import RADIUS, SPEED, write_bouncing_balls
 
 ROOT = Path(__file__).resolve().parents[1]
 X0 = ["noise.parameterization=x0"]
-SIZE16 = ["data.size=16", "model.sample_size=16", "model.patch_size=4"]
+MODEL16 = ["model.sample_size=16", "model.patch_size=4"]
+SIZE16 = ["data.size=16", *MODEL16]  # 32x32 shards read at 16x16
 CONTEXT_NOISE = ["loss.context_noise=200", "validation.context_noise=100"]
 
 
 @dataclass(frozen=True)
 class Variant:
-    """One change to the demo: `overrides` of configs/demo.yaml, `eval_args` of `dforce eval`, `balls`
-    per clip and their `speed` range of its own bouncing-balls shards (the demo's 3 at the default
-    speed use --data), and `model_of`: score that variant's model, on its data, instead of training one
-    (sampler and step studies)."""
+    """One change to the reference: `overrides` of configs/study.yaml, `eval_args` of `dforce eval`; the
+    `balls` per clip, their `speed` and `radius` ranges and the frame `size` of its own bouncing-balls
+    shards (3 balls as they were at 32x32 use --data); and `model_of`: score that variant's model, on its
+    data, instead of training one (sampler and step studies)."""
 
     what: str
     overrides: tuple[str, ...] = ()
     eval_args: tuple[str, ...] = ()
     balls: int = 3
     speed: tuple[float, float] = SPEED
+    radius: tuple[float, float] = RADIUS
+    size: int = 32
     model_of: str | None = None
 
 
@@ -100,6 +104,37 @@ VARIANTS: dict[str, Variant] = {
         ("--context-noise", "100"),
         balls=1,
     ),
+    "x0_balls1_context_noise_hg1.5": Variant(
+        "the x0_balls1_context_noise model sampled with history guidance 1.5",
+        eval_args=("--context-noise", "100", "--history-guidance", "1.5"),
+        model_of="x0_balls1_context_noise",
+    ),
+    "x0_balls1_size16": Variant(
+        "x0 on 1 ball at 16x16, patch 4 (a ball spans more of a token's pixels)",
+        (*X0, *MODEL16),
+        balls=1,
+        size=16,
+    ),
+    **{
+        f"x0_balls1_size16_hg{g}": Variant(
+            f"the x0_balls1_size16 model sampled with history guidance {g}",
+            eval_args=("--history-guidance", g),
+            model_of="x0_balls1_size16",
+        )
+        for g in ("1.25", "1.5", "2")
+    },
+    "demo": Variant(
+        "configs/demo.yaml's recipe: x0_balls1_size16 with larger balls (radius 0.15-0.22 frame sides)",
+        (*X0, *MODEL16),
+        balls=1,
+        size=16,
+        radius=(0.15, 0.22),
+    ),
+    "demo_hg1.5": Variant(
+        "the demo model sampled with history guidance 1.5, as make demo does",
+        eval_args=("--history-guidance", "1.5"),
+        model_of="demo",
+    ),
     "x0_ddpm": Variant(
         "the x0 model sampled with DDPM (fresh noise each step)",
         eval_args=("--sampler", "ddpm"),
@@ -127,7 +162,7 @@ def train(name: str, overrides: list[str], out: Path, data: Path, steps: int, ev
         "train.trackers=[tensorboard]",
     ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "dforce", "train", str(ROOT / "configs/demo.yaml"), *args]
+    command = [sys.executable, "-m", "dforce", "train", str(ROOT / "configs/study.yaml"), *args]
     with (out / "logs" / f"{name}.log").open("a") as log:
         child = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
         _, status, usage = os.wait4(child.pid, 0)  # this child's own CPU time, whatever else runs
@@ -141,16 +176,23 @@ def train(name: str, overrides: list[str], out: Path, data: Path, steps: int, ev
 
 
 def shards(variant: Variant, out: Path, data: Path) -> Path:
-    """The variant's shards: --data for the demo's 3 balls, else made once in OUT/data/ballsN[_LO-HI] as
-    the Makefile makes the demo's (1024 training clips of 32 frames, 64 held-out clips of 64)."""
+    """The variant's shards: --data for 3 balls as they were at 32x32, else made once in OUT/data/NAME
+    (1024 training clips of 32 frames, 64 held-out clips of 64), NAME from what differs."""
     variant = VARIANTS[variant.model_of] if variant.model_of else variant
-    if (variant.balls, variant.speed) == (3, SPEED):
-        return data
-    name = f"balls{variant.balls}" + ("" if variant.speed == SPEED else "_{}-{}".format(*variant.speed))
-    made = out / "data" / name
+    options = {
+        "size": variant.size,
+        "num_balls": variant.balls,
+        "speed": variant.speed,
+        "radius": variant.radius,
+    }
+    if options == {"size": 32, "num_balls": 3, "speed": SPEED, "radius": RADIUS}:
+        made = data
+    else:
+        name = f"balls{variant.balls}" + ("" if variant.speed == SPEED else "_{}-{}".format(*variant.speed))
+        name += "" if variant.radius == RADIUS else "_r{}-{}".format(*variant.radius)
+        made = out / "data" / (name + ("" if variant.size == 32 else f"_size{variant.size}"))
     if not (made / "val-000000.tar").exists():
-        options = {"size": 32, "num_balls": variant.balls, "speed": variant.speed}
-        write_bouncing_balls(made, num_clips=1024, frames=32, seed=0, **options)
+        write_bouncing_balls(made, num_clips=1024, frames=32, seed=0, overwrite=True, **options)
         write_bouncing_balls(made, num_clips=64, frames=64, seed=1, prefix="val", **options)
     return made
 
@@ -258,7 +300,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--out", default="outputs/study")
     parser.add_argument(
-        "--data", default="outputs/demo/data", help="the demo's shards (make demo writes them)"
+        "--data", default="outputs/study/data/balls3", help="3-ball 32x32 shards (made there if missing)"
     )
     parser.add_argument(
         "--only", default=",".join(VARIANTS), help=f"comma-separated of {', '.join(VARIANTS)}"
@@ -272,8 +314,6 @@ def main(argv: list[str] | None = None) -> None:
     if unknown := sorted(set(names) - set(VARIANTS)):
         sys.exit(f"study: unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
     data = Path(args.data).resolve()  # runs record absolute paths, so a rerun from elsewhere matches them
-    if not (data / "val-000000.tar").exists():
-        sys.exit(f"study: no shards in {data}: run make demo first, or pass --data")
     study(Path(args.out).resolve(), names, data, args.steps, args.every, args.jobs, args.clips)
 
 
