@@ -15,28 +15,31 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[dev]"
 	touch $@
 
-# The demo: bouncing-balls shards (made once), a small model trained on them (configs/demo.yaml; rerun to
-# resume), a rollout far past its 8-frame horizon beside the real clip, and the weighting heatmaps.
-demo: install outputs/demo/data/train-000003.tar outputs/demo/data/val-000000.tar
+# The demo: bouncing-balls shards (made once; one ball on 16x16 frames), a small model trained on them
+# (configs/demo.yaml; rerun to resume), a rollout 8x past its 8-frame horizon beside the real clip, its
+# scores on 32 held-out clips against copying the last frame, and the weighting heatmaps.
+GUIDE := --steps 10 --history-guidance 1.5
+demo: install outputs/demo/balls/train-000003.tar outputs/demo/balls/val-000000.tar
 	$(BIN)/dforce train configs/demo.yaml
-	$(BIN)/dforce sample --model outputs/demo/run/model --context "outputs/demo/data/val-*.tar" \
-		--context-frames 4 --frames 60 --steps 10 --seed 0 --out outputs/demo/rollout.mp4
+	$(BIN)/dforce sample --model outputs/demo/run/model --context "outputs/demo/balls/val-*.tar" \
+		--context-frames 4 --frames 60 $(GUIDE) --seed 0 --out outputs/demo/rollout.mp4
+	$(BIN)/dforce eval --model outputs/demo/run/model --data "outputs/demo/balls/val-*.tar" --clips 32 \
+		--context-frames 4 --frames 60 $(GUIDE) --elbo-draws 0 --out outputs/demo/eval
 	$(BIN)/dforce plot-weights --frames 2 --levels 16 --out outputs/demo/weights_2frames.png
 
 # Self-forcing on the demo's model (made by `make demo` if missing): a 4-step generator trained on its own
-# rollouts (configs/self_forcing_demo.yaml; rerun to resume), then rollout error by frame index, 8x past the
-# horizon, for the teacher's 50-step sampler and the generator, side by side on the same clips and seed
-# (balls found, ball error and speed by horizon multiple, with standard errors; frames per second), and a
-# rollout beside the real clip.
+# rollouts against the guided teacher (configs/self_forcing_demo.yaml; rerun to resume), then both scored
+# 8x past the horizon on the same clips and seed, side by side (balls found, ball error and speed by
+# horizon multiple, with standard errors; frames per second), and a rollout beside the real clip.
 self-forcing-demo: install outputs/demo/run/model/noise.json
 	$(BIN)/dforce train configs/self_forcing_demo.yaml
-	$(BIN)/dforce eval --model outputs/demo/run/model --data "outputs/demo/data/val-*.tar" --clips 32 \
-		--context-frames 4 --frames 60 --steps 50 --elbo-draws 0 --out outputs/demo/eval_teacher_50steps
-	$(BIN)/dforce eval --model outputs/demo/self_forcing/model --data "outputs/demo/data/val-*.tar" --clips 32 \
-		--context-frames 4 --frames 60 --steps 4 --elbo-draws 0 --out outputs/demo/eval_self_forcing_4steps
-	$(BIN)/dforce compare outputs/demo/eval_teacher_50steps outputs/demo/eval_self_forcing_4steps \
-		--names "teacher (50 steps),self-forcing (4 steps)" --out outputs/demo/self_forcing_vs_teacher.md
-	$(BIN)/dforce sample --model outputs/demo/self_forcing/model --context "outputs/demo/data/val-*.tar" \
+	$(BIN)/dforce eval --model outputs/demo/run/model --data "outputs/demo/balls/val-*.tar" --clips 32 \
+		--context-frames 4 --frames 60 $(GUIDE) --elbo-draws 0 --out outputs/demo/eval_teacher
+	$(BIN)/dforce eval --model outputs/demo/self_forcing/model --data "outputs/demo/balls/val-*.tar" --clips 32 \
+		--context-frames 4 --frames 60 --steps 4 --elbo-draws 0 --out outputs/demo/eval_self_forcing
+	$(BIN)/dforce compare outputs/demo/eval_teacher outputs/demo/eval_self_forcing \
+		--names "teacher (10 steps guided),self-forcing (4 steps)" --out outputs/demo/self_forcing_vs_teacher.md
+	$(BIN)/dforce sample --model outputs/demo/self_forcing/model --context "outputs/demo/balls/val-*.tar" \
 		--context-frames 4 --frames 60 --steps 4 --seed 0 --out outputs/demo/self_forcing_rollout.mp4
 
 # The weighting ablation (configs/ablation.yaml; about 13 minutes on one CPU core): table and plots in
@@ -52,11 +55,13 @@ outputs/ablation/data/val-000000.tar: | install
 outputs/demo/run/model/noise.json: | install
 	$(MAKE) demo
 
-outputs/demo/data/train-000003.tar: | install
-	$(BIN)/dforce make-synthetic --out outputs/demo/data --clips 1024 --frames 32 --size 32 --overwrite
+BALLS := --size 16 --balls 1 --radius 0.15 0.22  # the demo's data, simplified (docs/STUDY.md)
 
-outputs/demo/data/val-000000.tar: | install
-	$(BIN)/dforce make-synthetic --out outputs/demo/data --clips 64 --frames 64 --size 32 --seed 1 --prefix val
+outputs/demo/balls/train-000003.tar: | install
+	$(BIN)/dforce make-synthetic --out outputs/demo/balls --clips 1024 --frames 32 $(BALLS) --overwrite
+
+outputs/demo/balls/val-000000.tar: | install
+	$(BIN)/dforce make-synthetic --out outputs/demo/balls --clips 64 --frames 64 $(BALLS) --seed 1 --prefix val
 
 lint: install
 	$(BIN)/ruff check .
