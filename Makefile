@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 # The demo: bouncing-balls shards (made once; one ball on 16x16 frames), a small model trained on them
 # (configs/demo.yaml; rerun to resume), a rollout 8x past its 8-frame horizon beside the real clip, its
 # scores on 32 held-out clips against copying the last frame, and the weighting heatmaps.
-GUIDE := --steps 10 --history-guidance 1.5
+GUIDE := --steps 10 --history-guidance 1.25
 demo: install outputs/demo/balls/train-000003.tar outputs/demo/balls/val-000000.tar
 	$(BIN)/dforce train configs/demo.yaml
 	$(BIN)/dforce sample --model outputs/demo/run/model --context "outputs/demo/balls/val-*.tar" \
@@ -55,7 +55,7 @@ outputs/ablation/data/val-000000.tar: | install
 outputs/demo/run/model/noise.json: | install
 	$(MAKE) demo
 
-BALLS := --size 16 --balls 1 --radius 0.15 0.22  # the demo's data, simplified (docs/STUDY.md)
+BALLS := --size 16 --balls 1  # the demo's data, simplified (docs/STUDY.md)
 
 outputs/demo/balls/train-000003.tar: | install
 	$(BIN)/dforce make-synthetic --out outputs/demo/balls --clips 1024 --frames 32 $(BALLS) --overwrite

@@ -123,17 +123,17 @@ VARIANTS: dict[str, Variant] = {
         )
         for g in ("1.25", "1.5", "2")
     },
-    "demo": Variant(
-        "configs/demo.yaml's recipe: x0_balls1_size16 with larger balls (radius 0.15-0.22 frame sides)",
+    "x0_balls1_size16_big": Variant(
+        "x0_balls1_size16 with larger balls (radius 0.15-0.22 frame sides instead of 0.08-0.14)",
         (*X0, *MODEL16),
         balls=1,
         size=16,
         radius=(0.15, 0.22),
     ),
-    "demo_hg1.5": Variant(
-        "the demo model sampled with history guidance 1.5, as make demo does",
+    "x0_balls1_size16_big_hg1.5": Variant(
+        "the x0_balls1_size16_big model sampled with history guidance 1.5",
         eval_args=("--history-guidance", "1.5"),
-        model_of="demo",
+        model_of="x0_balls1_size16_big",
     ),
     "x0_ddpm": Variant(
         "the x0 model sampled with DDPM (fresh noise each step)",
