@@ -133,22 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
     synthetic.add_argument("--frames", type=int, default=32, help="frames per clip")
     synthetic.add_argument("--size", type=int, default=32, help="frame side in pixels (32 or 64 are usual)")
     synthetic.add_argument("--balls", type=int, default=3)
-    synthetic.add_argument(
-        "--speed",
-        type=float,
-        nargs=2,
-        default=[0.03, 0.06],
-        metavar=("LOW", "HIGH"),
-        help="range of ball speeds, in frame sides per frame",
-    )
-    synthetic.add_argument(
-        "--radius",
-        type=float,
-        nargs=2,
-        default=[0.08, 0.14],
-        metavar=("LOW", "HIGH"),
-        help="range of ball radii, in frame sides",
-    )
+    for flag, default, what in (
+        ("--speed", [0.03, 0.06], "ball speeds, in frame sides per frame"),
+        ("--radius", [0.08, 0.14], "ball radii, in frame sides"),
+    ):
+        synthetic.add_argument(
+            flag, type=float, nargs=2, default=default, metavar=("LOW", "HIGH"), help=f"range of {what}"
+        )
     synthetic.add_argument("--seed", type=int, default=0, help="use another seed for a held-out split")
     synthetic.add_argument("--fps", type=float, default=10.0)
     synthetic.add_argument("--prefix", default="train")
