@@ -42,7 +42,7 @@ self-forcing-demo: install outputs/demo/run/model/noise.json
 	$(BIN)/dforce sample --model outputs/demo/self_forcing/model --context "outputs/demo/balls/val-*.tar" \
 		--context-frames 4 --frames 60 --steps 4 --seed 0 --out outputs/demo/self_forcing_rollout.mp4
 
-# The weighting ablation (configs/ablation.yaml; about 13 minutes on one CPU core): table and plots in
+# The weighting ablation (configs/ablation.yaml; about 39 minutes on one CPU core): table and plots in
 # outputs/ablation. Rerunning skips finished runs.
 ablation: install outputs/ablation/data/val-000000.tar
 	$(BIN)/dforce ablate configs/ablation.yaml --weightings independent,paths,teacher,sync,schedule:pyramid --seeds 3
