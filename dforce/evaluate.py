@@ -34,7 +34,7 @@ from dforce.data import to_float
 from dforce.decode import VIDEO_EXTENSIONS, SkipSample, decode_video
 from dforce.latents import LatentSpace
 from dforce.likelihood import NLL, elbo, ode_nll
-from dforce.metrics import ball_errors, ball_speed, frame_metrics
+from dforce.metrics import ball_speed, find_balls, frame_metrics, position_errors
 from dforce.noise import NoiseConfig
 from dforce.plots import plot_curves
 from dforce.reading import read_samples
@@ -212,14 +212,15 @@ def score_frames(
     whole clip) are compared from frame `first` on."""
     scores = frame_metrics(fake, real)
     if balls is not None:
-        args = [
-            (frames, b["states"][first : first + fake.shape[1]], b["colors"], b["radius"])
-            for frames, b in zip(fake, balls, strict=True)
-        ]
-        found = [ball_errors(*a) for a in args]
-        scores["ball_error"] = torch.stack([error for error, _ in found])
-        scores["balls_found"] = torch.stack([all_found for _, all_found in found]).double()
-        scores["ball_speed"] = torch.stack([ball_speed(*a) for a in args])
+        error, all_found, speed = [], [], []
+        for frames, b in zip(fake, balls, strict=True):
+            states = b["states"][first : first + fake.shape[1]]
+            positions, found = find_balls(frames, b["colors"], b["radius"])  # once for all three scores
+            error.append(position_errors(positions, found, states))
+            all_found.append(found.all(dim=1).double())
+            speed.append(ball_speed(positions, found, states))
+        scores["ball_error"], scores["balls_found"] = torch.stack(error), torch.stack(all_found)
+        scores["ball_speed"] = torch.stack(speed)
     return scores
 
 

@@ -127,21 +127,24 @@ def ball_errors(frames: Tensor, states: Tensor, colors: Tensor, radius: Tensor) 
     float64 [T], nan where none is found; whether every ball was found, bool [T]).
     """
     positions, found = find_balls(frames, colors, radius)
+    return position_errors(positions, found, states), found.all(dim=1)
+
+
+def position_errors(positions: Tensor, found: Tensor, states: Tensor) -> Tensor:
+    """`ball_errors`' distances from balls already found (`find_balls`) -> float64 [T]."""
     distance = torch.linalg.vector_norm(positions - states[..., :2].double().to(positions.device), dim=-1)
-    error = torch.where(found, distance, 0.0).sum(dim=1) / found.sum(dim=1)  # nan where nothing found
-    return error, found.all(dim=1)
+    return torch.where(found, distance, 0.0).sum(dim=1) / found.sum(dim=1)  # nan where nothing found
 
 
-def ball_speed(frames: Tensor, states: Tensor, colors: Tensor, radius: Tensor) -> Tensor:
-    """How fast the balls found in frames [T, 3, H, W] move, against the recorded physics: a model can keep
-    every ball in view and still let it slow to a halt, which neither the position error (large either way
-    once the real ball has bounced a few times) nor `balls_found` shows.
+def ball_speed(positions: Tensor, found: Tensor, states: Tensor) -> Tensor:
+    """How fast the balls found (`find_balls`: positions [T, N, 2], found [T, N]) move, against the recorded
+    physics: a model can keep every ball in view and still let it slow to a halt, which neither the
+    position error (large either way once the real ball has bounced a few times) nor `balls_found` shows.
 
     states [T, N, >= 2] (x, y first) -> float64 [T]: the summed displacement since the previous frame of the
     balls found in both frames over the same balls' recorded displacement (1: moving like the real balls,
     0: standing still); nan at t = 0 and where no ball is found in two frames in a row.
     """
-    positions, found = find_balls(frames, colors, radius)
     both = found[1:] & found[:-1]  # [T-1, N]
     moved = torch.linalg.vector_norm(positions.diff(dim=0), dim=-1)  # [T-1, N], nan where a ball is missing
     recorded = torch.linalg.vector_norm(states[..., :2].double().to(positions.device).diff(dim=0), dim=-1)

@@ -92,16 +92,20 @@ def test_ball_speed_is_one_for_the_real_clip_zero_for_a_still_one_and_half_when_
     video, record = bouncing_balls(0, frames=17, size=32, num_balls=1)
     states, colors, radius = (torch.tensor(record[k]) for k in ("states", "colors", "radius"))
     frames = as_frames(video)
-    real = ball_speed(frames, states, colors, radius)
+
+    def speed(frames, states):
+        return ball_speed(*find_balls(frames, colors, radius), states)
+
+    real = speed(frames, states)
     assert real.shape == (17,) and math.isnan(real[0])
     assert real[1:].sub(1).abs().max() < 0.15  # the ball finder is exact to ~0.1 px, balls move >= 1 px
-    still = ball_speed(frames[:1].expand(17, -1, -1, -1), states, colors, radius)
+    still = speed(frames[:1].expand(17, -1, -1, -1), states)
     assert (still[1:] == 0).all()
-    half = ball_speed(frames[::2], states[::2], colors, radius)  # a frame moved on by two steps...
-    slow = ball_speed(frames[:9], states[::2], colors, radius)  # ...and by one: half the recorded speed
+    half = speed(frames[::2], states[::2])  # a frame moved on by two steps...
+    slow = speed(frames[:9], states[::2])  # ...and by one: half the recorded speed
     assert half[1:].sub(1).abs().max() < 0.15  # (a bounce between two frames shortens the chord)
     assert slow[1:].mean().item() == pytest.approx(0.5, abs=0.05)
-    empty = ball_speed(torch.full_like(frames, -1), states, colors, radius)  # black: no ball, no speed
+    empty = speed(torch.full_like(frames, -1), states)  # black: no ball, no speed
     assert empty.isnan().all()
 
 
