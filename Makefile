@@ -2,45 +2,64 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# The CPU build of torch where no NVIDIA GPU is present (an unpinned `torch` pulls a multi-GB CUDA build).
-TORCH ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
+# torch is pinned here, the rest by constraints.txt (the set the suite last passed with; `make lock`
+# refreshes it). Without an NVIDIA GPU the CPU build: PyPI's Linux wheel is a multi-GB CUDA build, so on
+# Linux the CPU one comes from PyTorch's CPU index. Pick another build with `make install TORCH=...`.
+TORCH_VERSION := 2.13.0
+CPU_INDEX := https://download.pytorch.org/whl/cpu
+TORCH ?= $(shell if command -v nvidia-smi >/dev/null 2>&1; then echo "torch==$(TORCH_VERSION)"; \
+	elif [ "$$(uname -s)" = Linux ]; then echo "torch==$(TORCH_VERSION)+cpu --extra-index-url $(CPU_INDEX)"; \
+	else echo "torch==$(TORCH_VERSION)"; fi)
 
-.PHONY: demo self-forcing-demo ablation test lint install clean
+.PHONY: demo self-forcing-demo ablation test lint install lock clean
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet "$(TORCH)"
-	$(BIN)/python -m pip install --quiet -e ".[dev]"
+	$(BIN)/python -m pip install --quiet $(TORCH)
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev]"
 	touch $@
+
+# Re-resolve the newest versions pyproject.toml admits in a scratch venv, then write them to constraints.txt;
+# run `make test` before committing the new set.
+lock:
+	rm -rf .venv-lock
+	$(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/python -m pip install --quiet $(TORCH)
+	.venv-lock/bin/python -m pip install --quiet -e ".[dev]"
+	( echo "# The tested set of dforce's dependencies (torch is pinned in the Makefile). Refresh: make lock"; \
+	  .venv-lock/bin/python -m pip freeze --exclude-editable | grep -v -i -E "^(torch|nvidia-|triton)" ) \
+	  > constraints.txt
+	rm -rf .venv-lock
 
 # The demo: bouncing-balls shards (made once; one ball on 16x16 frames), a small model trained on them
 # (configs/demo.yaml; rerun to resume), a rollout 8x past its 8-frame horizon beside the real clip, its
-# scores on 32 held-out clips against copying the last frame, and the weighting heatmaps.
-GUIDE := --steps 10 --history-guidance 1.25
+# scores on 32 held-out clips against copying the last frame, and the weighting heatmaps. Sampling (10 steps,
+# history guidance 1.25) is what the model was validated with: its sampling.json, from configs/demo.yaml.
 demo: install outputs/demo/balls/train-000003.tar outputs/demo/balls/val-000000.tar
 	$(BIN)/dforce train configs/demo.yaml
 	$(BIN)/dforce sample --model outputs/demo/run/model --context "outputs/demo/balls/val-*.tar" \
-		--context-frames 4 --frames 60 $(GUIDE) --seed 0 --out outputs/demo/rollout.mp4
+		--context-frames 4 --frames 60 --seed 0 --out outputs/demo/rollout.mp4
 	$(BIN)/dforce eval --model outputs/demo/run/model --data "outputs/demo/balls/val-*.tar" --clips 32 \
-		--context-frames 4 --frames 60 $(GUIDE) --elbo-draws 0 --out outputs/demo/eval
+		--context-frames 4 --frames 60 --elbo-draws 0 --out outputs/demo/eval
 	$(BIN)/dforce plot-weights --frames 2 --levels 16 --out outputs/demo/weights_2frames.png
 
 # Self-forcing on the demo's model (made by `make demo` if missing): a 4-step generator trained on its own
 # rollouts against the guided teacher (configs/self_forcing_demo.yaml; rerun to resume), then both scored
 # 8x past the horizon on the same clips and seed, side by side (balls found, ball error and speed by
-# horizon multiple, with standard errors; frames per second), and a rollout beside the real clip.
+# horizon multiple, with standard errors; frames per second), and a rollout beside the real clip. Each model
+# samples as its sampling.json says: the teacher 10 steps guided, the generator its 4-step grid.
 self-forcing-demo: install outputs/demo/run/model/noise.json
 	$(BIN)/dforce train configs/self_forcing_demo.yaml
 	$(BIN)/dforce eval --model outputs/demo/run/model --data "outputs/demo/balls/val-*.tar" --clips 32 \
-		--context-frames 4 --frames 60 $(GUIDE) --elbo-draws 0 --out outputs/demo/eval_teacher
+		--context-frames 4 --frames 60 --elbo-draws 0 --out outputs/demo/eval_teacher
 	$(BIN)/dforce eval --model outputs/demo/self_forcing/model --data "outputs/demo/balls/val-*.tar" --clips 32 \
-		--context-frames 4 --frames 60 --steps 4 --elbo-draws 0 --out outputs/demo/eval_self_forcing
+		--context-frames 4 --frames 60 --elbo-draws 0 --out outputs/demo/eval_self_forcing
 	$(BIN)/dforce compare outputs/demo/eval_teacher outputs/demo/eval_self_forcing \
 		--names "teacher (10 steps guided),self-forcing (4 steps)" --out outputs/demo/self_forcing_vs_teacher.md
 	$(BIN)/dforce sample --model outputs/demo/self_forcing/model --context "outputs/demo/balls/val-*.tar" \
-		--context-frames 4 --frames 60 --steps 4 --seed 0 --out outputs/demo/self_forcing_rollout.mp4
+		--context-frames 4 --frames 60 --seed 0 --out outputs/demo/self_forcing_rollout.mp4
 
 # The weighting ablation (configs/ablation.yaml; about 39 minutes on one CPU core): table and plots in
 # outputs/ablation. Rerunning skips finished runs.

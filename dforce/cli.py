@@ -3,11 +3,40 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 from dforce import DforceError, __version__, commands
+from dforce.diffusion.recipe import FLAGS, SamplingRecipe
 
 DEFAULT_WEIGHTINGS = "independent,paths,teacher,sync,schedule:pyramid,mixture"
+
+
+def add_sampling_flags(parser: argparse.ArgumentParser, schedules: str) -> None:
+    """The sampling flags of `dforce sample` and `dforce eval`, each a field of the model's sampling recipe
+    (`dforce.diffusion.recipe.SamplingRecipe`): left out, the model's `sampling.json` says, else the
+    recipe's default (the same for both commands)."""
+    defaults = {f.name: f.default for f in dataclasses.fields(SamplingRecipe)}
+    for name, kind, what in (
+        ("sampler", str, "ddim, ddpm or euler (`dforce.diffusion.sampler.SAMPLERS`)"),
+        ("eta", float, "ddim stochasticity, 0 (deterministic) .. 1"),
+        ("steps", int, "denoising steps per frame"),
+        ("shift", float, "timestep shift of the steps (>1: more at high noise)"),
+        ("scheduling", str, schedules),
+        ("block", int, "frames denoised together (AR, pyramid)"),
+        ("offset", int, "pyramid: steps between neighbouring frames"),
+        ("chunk", int, "frames per scheduling matrix"),
+        ("guidance", float, "classifier-free guidance over the labels (and actions)"),
+        ("history_guidance", float, "guidance over the history (unconditional: pure noise)"),
+        ("text_guidance", float, "guidance over the text (unconditional: no tokens)"),
+        ("context_noise", int, "level at which finished frames are seen"),
+        ("sink", int, "first frames kept in the KV cache's window for good"),
+    ):
+        flag = FLAGS.get(name, "--" + name.replace("_", "-"))
+        default = "" if defaults[name] is None else f", else {defaults[name]}"
+        help = f"{what} (default: the model's{default})"
+        metavar = flag[2:].upper().replace("-", "_")
+        parser.add_argument(flag, dest=name, type=kind, default=None, metavar=metavar, help=help)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -170,7 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
         "sample",
         help="generate a video from a trained model, continuing given context frames",
         description="Rolls a trained model out for --frames frames after the context, chunk by chunk along a "
-        "scheduling matrix, in a sliding window within the training horizon (KV-cached unless --no-cache). "
+        "scheduling matrix, in a sliding window within the training horizon (KV-cached unless --no-cache), "
+        "sampled as the model's sampling.json says (the settings it was validated with) but where a sampling "
+        "flag says otherwise; the settings used are printed in one line. "
         "Writes OUT (.mp4) and OUT with .gif; with a --context clip longer than the context, also "
         "OUT_vs_real.mp4/.gif: generated frames left, real frames right. The same --seed gives the same "
         "video.",
@@ -193,45 +224,19 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="T0: the first frames of the clip to continue (default: as many as the window holds)",
     )
-    sampler.add_argument(
-        "--schedule",
-        default="autoregressive",
-        help="autoregressive, pyramid, sync, teacher, or a .json file holding a custom matrix over the "
-        "chunk's frames (rows from all K to all 0)",
+    add_sampling_flags(
+        sampler,
+        "autoregressive, pyramid, sync, teacher, or a .json file holding a custom matrix over the chunk's "
+        "frames (rows from all K to all 0)",
     )
-    sampler.add_argument("--block", type=int, default=None, help="frames denoised together (AR, pyramid)")
-    sampler.add_argument(
-        "--offset", type=int, default=None, help="pyramid: steps between neighbouring frames"
-    )
-    sampler.add_argument("--chunk", type=int, default=None, help="frames per scheduling matrix")
-    sampler.add_argument("--steps", type=int, default=50, help="denoising steps per frame")
-    sampler.add_argument(
-        "--shift", type=float, default=None, help="timestep shift of the steps (>1: more at high noise)"
-    )
-    sampler.add_argument(
-        "--sink", type=int, default=0, help="first frames kept in the KV cache's window for good"
-    )
-    sampler.add_argument("--sampler", default="ddim", help="ddim, ddpm or euler (`dforce.sampler.SAMPLERS`)")
-    sampler.add_argument("--eta", type=float, default=0.0, help="ddim stochasticity, 0 (deterministic) .. 1")
     sampler.add_argument("--label", type=int, default=None, help="class label, for class-conditional models")
-    sampler.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance over --label")
-    sampler.add_argument(
-        "--history-guidance",
-        type=float,
-        default=1.0,
-        help="guidance over the history (unconditional: pure noise)",
-    )
     sampler.add_argument("--prompt", default=None, help="text, for a model trained with text (text_dim)")
     sampler.add_argument("--text-encoder", default=None, help="the text encoder folder --prompt needs")
     sampler.add_argument("--text-length", type=int, default=512, help="tokens of --prompt kept at most")
     sampler.add_argument(
-        "--prompt-embeds", default=None, help="instead of --prompt: a .safetensors file of dforce.text.Text"
-    )
-    sampler.add_argument(
-        "--text-guidance", type=float, default=1.0, help="guidance over the text (unconditional: no tokens)"
-    )
-    sampler.add_argument(
-        "--context-noise", type=int, default=0, help="level at which finished frames are seen"
+        "--prompt-embeds",
+        default=None,
+        help="instead of --prompt: a .safetensors file of dforce.data.text.Text",
     )
     sampler.add_argument(
         "--no-cache", action="store_true", help="recompute the window every step (reference)"
@@ -240,7 +245,12 @@ def build_parser() -> argparse.ArgumentParser:
     sampler.add_argument("--fps", type=float, default=None, help="default: the context's, else 8")
     sampler.add_argument("--scale", type=int, default=1, help="show each pixel as SCALE x SCALE")
     sampler.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    sampler.add_argument("--out", required=True, help="FILE.mp4; FILE.gif is written beside it")
+    sampler.add_argument(
+        "--out",
+        default=None,
+        help="FILE.mp4; FILE.gif is written beside it (default: samples/sample_seedSEED.mp4 beside the "
+        "model directory)",
+    )
     sampler.set_defaults(run=commands.sample)
 
     evaluation = subcommands.add_parser(
@@ -251,6 +261,8 @@ def build_parser() -> argparse.ArgumentParser:
         "distance of each ball, found by its colour, from the recorded physics, and whether all are "
         "found), by frame index inside and past the training horizon. Also the ELBO (bits per 8-bit "
         "subpixel) along the rollout's path and, with --ode-steps, the probability-flow ODE likelihood. "
+        "Rollouts are sampled as the model's sampling.json says (the settings it was validated with) but "
+        "where a sampling flag says otherwise; the settings used are printed in one line. "
         "Writes metrics.json, metrics.csv and metrics.png to --out.",
     )
     evaluation.add_argument("--model", required=True, help="a model directory written by training")
@@ -263,33 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--context-frames", type=int, default=4, help="real frames each rollout starts from"
     )
     evaluation.add_argument("--frames", type=int, default=28, help="frames generated after the context")
-    evaluation.add_argument(
-        "--schedule",
-        dest="scheduling",
-        default="autoregressive",
-        help="autoregressive, pyramid, sync or teacher (`dforce.scheduling`)",
-    )
-    evaluation.add_argument("--steps", type=int, default=10, help="denoising steps per frame")
-    evaluation.add_argument("--chunk", type=int, default=None, help="frames per scheduling matrix")
-    evaluation.add_argument("--block", type=int, default=None, help="frames denoised together (AR, pyramid)")
-    evaluation.add_argument(
-        "--offset", type=int, default=None, help="pyramid: steps between neighbouring frames"
-    )
-    evaluation.add_argument(
-        "--shift", type=float, default=None, help="timestep shift of the steps (>1: more at high noise)"
-    )
-    evaluation.add_argument(
-        "--sampler", default="ddim", help="ddim, ddpm or euler (`dforce.sampler.SAMPLERS`)"
-    )
-    evaluation.add_argument(
-        "--context-noise", type=int, default=0, help="level at which finished frames are seen"
-    )
-    evaluation.add_argument(
-        "--history-guidance",
-        type=float,
-        default=1.0,
-        help="guidance over the history (unconditional: pure noise)",
-    )
+    add_sampling_flags(evaluation, "autoregressive, pyramid, sync or teacher (`dforce.diffusion.scheduling`)")
     evaluation.add_argument("--seed", type=int, default=0)
     evaluation.add_argument("--batch-size", type=int, default=16, help="clips rolled out at once")
     evaluation.add_argument(
@@ -325,8 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="train every trajectory weighting with several seeds, evaluate and tabulate",
         description="Trains CONFIG (with the dotted overrides) once per weighting and seed into "
         "OUT/runs/WEIGHTING/seedS (OUT: the config's output_dir), evaluates every model on the config's "
-        "validation.shards with each sampling schedule (validation.context_frames, rollout_frames, "
-        "sampling_steps), and writes results.csv, frames.csv, loss_by_level.csv, results.md (mean +- std "
+        "validation.shards (validation.context_frames real frames, then rollout_frames generated) with each "
+        "sampling schedule, sampled otherwise as the model's sampling.json says, and writes results.csv, "
+        "frames.csv, loss_by_level.csv, results.md (mean +- std "
         "over seeds) and plots. Rerunning resumes: finished runs and evaluations are skipped.",
     )
     grid.add_argument("config", help="YAML training config with a validation section")

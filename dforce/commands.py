@@ -8,10 +8,13 @@ import dataclasses
 from collections.abc import Collection
 from typing import TYPE_CHECKING
 
+from dforce import DforceError
+
 if TYPE_CHECKING:
     import torch
 
-    from dforce.text import Text
+    from dforce.data.text import Text
+    from dforce.diffusion.recipe import SamplingRecipe
 
 
 def check_choice(flag: str, value: str, table: Collection[str]) -> None:
@@ -21,9 +24,42 @@ def check_choice(flag: str, value: str, table: Collection[str]) -> None:
         raise ValueError(f"{flag}: unknown {what} '{value}'; choose from {', '.join(table)}")
 
 
+def nothing_written(
+    inputs: str, read: int, noun: str, skipped: list[tuple[str, str]], hint: str = ""
+) -> DforceError:
+    """The one-line error of a command that wrote nothing from `inputs`: that they held no `noun`, or that
+    all `read` were skipped, and why (one reason, or the one they share; else the summary lists them)."""
+    if not read:
+        return DforceError(f"nothing written: no {noun}s in {inputs}{hint}")
+    reasons = {reason for _, reason in skipped}
+    if len(skipped) == 1:
+        why = f"{skipped[0][0]}: {skipped[0][1]}"
+    else:
+        why = reasons.pop() if len(reasons) == 1 else "each reason is listed above"
+    where = f"read from {inputs}"
+    what = f"the {noun} {where} was" if read == 1 else f"all {read} {noun}s {where} were"
+    return DforceError(f"nothing written: {what} skipped ({why})")
+
+
+def sampling(args: argparse.Namespace, matrices: bool = False) -> tuple[SamplingRecipe, str]:
+    """`dforce sample`'s and `dforce eval`'s sampling settings: the model's recipe (`sampling.json`, else the
+    defaults) with the flags given over it (`dforce.diffusion.recipe.resolve`), and the line that says what
+    was used and whence. The names given are checked first, against the code's own tables (`matrices`: a
+    .json schedule too), before the model is read."""
+    from dforce.diffusion.recipe import SamplingRecipe, resolve
+    from dforce.diffusion.sampler import SAMPLERS
+    from dforce.diffusion.scheduling import SCHEDULING_OPTIONS
+
+    if args.scheduling is not None and not (matrices and args.scheduling.endswith(".json")):
+        check_choice("--schedule", args.scheduling, SCHEDULING_OPTIONS)
+    if args.sampler is not None:
+        check_choice("--sampler", args.sampler, SAMPLERS)
+    return resolve(args.model, {f.name: getattr(args, f.name) for f in dataclasses.fields(SamplingRecipe)})
+
+
 def plot_weights(args: argparse.Namespace) -> None:
-    from dforce.plots import plot_weightings
-    from dforce.trajectory import get_weighting
+    from dforce.diffusion.trajectory import get_weighting
+    from dforce.evaluation.plots import plot_weightings
 
     weightings = []
     for name in args.weightings.split(","):
@@ -36,8 +72,9 @@ def plot_weights(args: argparse.Namespace) -> None:
 
 
 def make_shards(args: argparse.Namespace) -> None:
-    from dforce.clips import parse_size
-    from dforce.shards import make_shards
+    from dforce.data.clips import parse_size
+    from dforce.data.reading import name_shards
+    from dforce.data.shards import VIDEO_SUFFIXES, make_shards
 
     summary = make_shards(
         args.inputs,
@@ -56,13 +93,16 @@ def make_shards(args: argparse.Namespace) -> None:
         progress=True,
     )
     print(summary)
+    if not summary.samples:
+        hint = f" (folders are searched for {', '.join(VIDEO_SUFFIXES)})"
+        raise nothing_written(name_shards(args.inputs), summary.videos, "video", summary.skipped, hint)
 
 
 def encode_latents(args: argparse.Namespace) -> None:
     import torch
 
-    from dforce.clips import parse_size
-    from dforce.encode_latents import encode_latents
+    from dforce.data.clips import parse_size
+    from dforce.data.encode_latents import encode_latents
 
     summary = encode_latents(
         args.shards,
@@ -82,12 +122,15 @@ def encode_latents(args: argparse.Namespace) -> None:
         progress=True,
     )
     print(summary)
+    if not summary.samples:
+        hint = " (webdataset .tar shards of videos)"
+        raise nothing_written(args.shards, summary.videos, "sample", summary.skipped, hint)
 
 
 def encode_text(args: argparse.Namespace) -> None:
     import torch
 
-    from dforce.encode_text import encode_text
+    from dforce.data.encode_text import encode_text
 
     summary = encode_text(
         args.shards,
@@ -101,16 +144,20 @@ def encode_text(args: argparse.Namespace) -> None:
         progress=True,
     )
     print(summary)
+    if not summary.shards and not summary.kept:  # a rerun with every shard already in --out is done
+        hint = " (webdataset .tar shards with captions)"
+        raise nothing_written(args.shards, summary.samples, "sample", summary.skipped, hint)
 
 
 def prompt_text(args: argparse.Namespace, text_dim: int | None, device: torch.device) -> Text | None:
-    """`dforce sample`'s text (`dforce.text.Text`) from --prompt or --prompt-embeds, None without either."""
+    """`dforce sample`'s text (`dforce.data.text.Text`) from --prompt or --prompt-embeds, None without
+    either."""
     import torch
 
-    from dforce.text import Text, TextEncoder
+    from dforce.data.text import Text, TextEncoder
 
     if args.prompt is None and args.prompt_embeds is None:
-        if args.text_guidance != 1:
+        if args.text_guidance not in (None, 1):
             raise ValueError("--text-guidance needs --prompt or --prompt-embeds")
         return None
     flag = "--prompt" if args.prompt is not None else "--prompt-embeds"
@@ -129,7 +176,7 @@ def prompt_text(args: argparse.Namespace, text_dim: int | None, device: torch.de
 
 
 def make_synthetic(args: argparse.Namespace) -> None:
-    from dforce.synthetic import write_bouncing_balls
+    from dforce.data.synthetic import write_bouncing_balls
 
     shards = write_bouncing_balls(
         args.out,
@@ -149,8 +196,8 @@ def make_synthetic(args: argparse.Namespace) -> None:
 
 
 def train(args: argparse.Namespace) -> None:
-    from dforce.config import load_config
-    from dforce.train import train
+    from dforce.training.config import load_config
+    from dforce.training.train import train
 
     model = train(load_config(args.config, args.overrides), resume=args.resume)
     print(f"model written to {model}")
@@ -162,35 +209,30 @@ def sample(args: argparse.Namespace) -> None:
 
     import torch
 
-    from dforce.backbone import load_model
-    from dforce.clips import resize_crop
-    from dforce.data import to_float
-    from dforce.latents import LatentSpace, latents_within
-    from dforce.rollout import chunk_schedule, rollout
-    from dforce.sampler import SAMPLERS
-    from dforce.scheduling import SCHEDULING_OPTIONS
-    from dforce.vae import load_decoder
-    from dforce.video import read_clip, side_by_side, to_uint8, write_video
+    from dforce.data.clips import resize_crop
+    from dforce.data.latents import LatentSpace, latents_within
+    from dforce.data.loader import to_float
+    from dforce.data.vae import load_decoder
+    from dforce.data.video import read_clip, side_by_side, to_uint8, write_video
+    from dforce.diffusion.rollout import chunk_schedule, rollout
+    from dforce.training.checkpoint import load_model
 
-    if not args.out.endswith(".mp4"):
-        raise ValueError(f"--out {args.out}: must be a .mp4 file (a .gif is written beside it)")
-    if not args.schedule.endswith(".json"):  # before the model is loaded
-        check_choice("--schedule", args.schedule, SCHEDULING_OPTIONS)
-    check_choice("--sampler", args.sampler, SAMPLERS)
+    out = args.out or str(Path(args.model).parent / "samples" / f"sample_seed{args.seed}.mp4")
+    if not out.endswith(".mp4"):
+        raise ValueError(f"--out {out}: must be a .mp4 file (a .gif is written beside it)")
+    recipe, line = sampling(args, matrices=True)  # before the model is loaded
     if args.prompt is not None and (args.prompt_embeds is not None or args.text_encoder is None):
         raise ValueError("--prompt needs --text-encoder DIR, and excludes --prompt-embeds")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, noise = load_model(args.model)
     model.to(device)
     text = prompt_text(args, model.text_dim, device)
-    scheduling = args.schedule
-    if scheduling.endswith(".json"):
+    schedule_args = recipe.schedule_kwargs()
+    if recipe.scheduling.endswith(".json"):
         try:
-            scheduling = json.loads(Path(scheduling).read_text())
+            schedule_args["scheduling"] = json.loads(Path(recipe.scheduling).read_text())
         except (OSError, json.JSONDecodeError) as error:
-            raise ValueError(f"--schedule {args.schedule}: {error}") from None
-    options = {k: getattr(args, k) for k in ("block", "offset", "shift") if getattr(args, k) is not None}
-    schedule_args = dict(scheduling=scheduling, steps=args.steps, chunk=args.chunk, **options)
+            raise ValueError(f"--schedule {recipe.scheduling}: {error}") from None
     _, window = chunk_schedule(model, noise.levels, **schedule_args)
 
     channels, *size = model.frame_shape
@@ -221,36 +263,28 @@ def sample(args: argparse.Namespace) -> None:
         raise ValueError("--context-frames needs --context")
     fps = fps or 8.0
 
+    print(line)
     video = rollout(
         model,
         noise.build(),
         noise.parameterization,
         context.to(device),
         args.frames,
-        **schedule_args,
-        sampler=args.sampler,
-        eta=args.eta,
-        guidance=args.guidance,
-        history_guidance=args.history_guidance,
+        **(recipe.rollout_kwargs() | schedule_args),
         labels=None if args.label is None else torch.tensor([args.label], device=device),
         text=text,
-        text_guidance=args.text_guidance,
-        context_noise=args.context_noise,
         use_cache=not args.no_cache,
-        sink=args.sink,
         generator=torch.Generator(device).manual_seed(args.seed),
         progress=True,
     )[0]  # [T0 + frames, C, H, W]
     if decoder is not None:
         video = decoder(video)  # [P, C, H', W'] pixels
-    written = write_video(args.out, to_uint8(video), fps, args.scale)
+    written = write_video(out, to_uint8(video), fps, args.scale)
     given = context.shape[1]  # model frames of context, and the pixel frames they stand for:
     shown = given if space is None or not given else space.pixel_frames(given)
     if real is not None and len(real) > shown:
         pair = side_by_side(video.cpu(), real)
-        written += write_video(
-            args.out.removesuffix(".mp4") + "_vs_real.mp4", to_uint8(pair), fps, args.scale
-        )
+        written += write_video(out.removesuffix(".mp4") + "_vs_real.mp4", to_uint8(pair), fps, args.scale)
     print("wrote " + ", ".join(map(str, written)))
 
 
@@ -260,16 +294,17 @@ def evaluate(args: argparse.Namespace) -> None:
 
     import torch
 
-    from dforce.backbone import load_model
-    from dforce.compare import table
-    from dforce.evaluate import EvalSettings, evaluate, read_clips, write_report
-    from dforce.latents import LatentSpace
-    from dforce.sampler import SAMPLERS
-    from dforce.scheduling import SCHEDULING_OPTIONS
-    from dforce.vae import load_decoder
+    from dforce.data.latents import LatentSpace
+    from dforce.data.vae import load_decoder
+    from dforce.evaluation.compare import table
+    from dforce.evaluation.evaluate import EvalSettings, evaluate, read_clips, write_report
+    from dforce.training.checkpoint import load_model
 
-    check_choice("--schedule", args.scheduling, SCHEDULING_OPTIONS)  # before the model and clips are read
-    check_choice("--sampler", args.sampler, SAMPLERS)
+    recipe, line = sampling(args)  # before the model and clips are read
+    own = {
+        f.name: getattr(args, f.name) for f in dataclasses.fields(EvalSettings) if not hasattr(recipe, f.name)
+    }
+    settings = EvalSettings(**dataclasses.asdict(recipe), **own)  # the recipe, and what only eval does
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, noise = load_model(args.model)
     model.to(device)
@@ -277,11 +312,10 @@ def evaluate(args: argparse.Namespace) -> None:
     decoder = None if space is None else load_decoder(space, device, args.vae)
     size = list(model.frame_shape[1:]) if space is None else None  # latents keep their encoded size
     clips = read_clips(args.data, args.clips, args.context_frames + args.frames, size, decoder)
-    fields = [f.name for f in dataclasses.fields(EvalSettings)]
-    settings = EvalSettings(**{key: getattr(args, key) for key in fields})
+    print(line)
     result = evaluate(model, noise, clips, settings, decoder)
     out = Path(args.out) if args.out else Path(args.model).parent / "eval"
-    written = write_report(result, out, title=f"{args.model} on {args.data}, {args.scheduling}")
+    written = write_report(result, out, title=f"{args.model} on {args.data}, {settings.scheduling}")
     bands = re.compile(r"_\d+-\d+x(_se)?$")  # printed as the table below
     summary = {k: v for k, v in result["summary"].items() if not bands.search(k)}
     print(", ".join(f"{key} {value:.4g}" for key, value in summary.items()))
@@ -292,7 +326,7 @@ def evaluate(args: argparse.Namespace) -> None:
 def compare(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from dforce.compare import compare as table
+    from dforce.evaluation.compare import compare as table
 
     text = table(args.evals, args.names.split(",") if args.names else None)
     print(text, end="")
@@ -303,7 +337,7 @@ def compare(args: argparse.Namespace) -> None:
 
 
 def ablate(args: argparse.Namespace) -> None:
-    from dforce.ablate import ablate
+    from dforce.evaluation.ablate import ablate
 
     root = ablate(
         args.config,
@@ -322,10 +356,10 @@ def ablate(args: argparse.Namespace) -> None:
 def export(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from dforce.backbone import load_model
-    from dforce.checkpoint import MODEL, write_model
-    from dforce.latents import LatentSpace
-    from dforce.lora import has_lora, merge_lora
+    from dforce.data.latents import LatentSpace
+    from dforce.diffusion.recipe import SamplingRecipe
+    from dforce.models.lora import has_lora, merge_lora
+    from dforce.training.checkpoint import MODEL, load_model, write_model
 
     source, out = Path(args.source), Path(args.out)
     if (source / MODEL).is_dir():  # a run directory: its exported model
@@ -337,6 +371,6 @@ def export(args: argparse.Namespace) -> None:
     if args.merge_lora:
         model = merge_lora(model)
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_model(model, noise, out, LatentSpace.of_model(source))
+    write_model(model, noise, out, LatentSpace.of_model(source), recipe=SamplingRecipe.load(source))
     what = "LoRA adapters merged into the weights" if args.merge_lora else "LoRA adapters beside the base"
     print(f"wrote {out}" + (f" ({what})" if adapted else ""))

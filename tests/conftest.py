@@ -19,8 +19,8 @@ import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
 
-from dforce.shards import ShardSink, encode_video
-from dforce.synthetic import write_bouncing_balls
+from dforce.data.shards import ShardSink, encode_video
+from dforce.data.synthetic import write_bouncing_balls
 
 ROOT = Path(__file__).parent.parent
 CONTAINERS = {".mp4": ("mp4", "libx264"), ".mkv": ("matroska", "libx264"), ".webm": ("webm", "libvpx-vp9")}
@@ -121,7 +121,8 @@ def shipped_fsdp_policy(model: torch.nn.Module, monkeypatch: pytest.MonkeyPatch)
 def launch_two_processes(
     script: Path, *args: str, port: int, mixed_precision: str = "no"
 ) -> subprocess.CompletedProcess:
-    """The README's two-CPU-process command: `accelerate launch` of `script` with two ranks over gloo."""
+    """The two-CPU-process command of docs/training.md: `accelerate launch` of `script`, two ranks over
+    gloo."""
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "1",

@@ -4,16 +4,17 @@ trains and evaluates nothing again."""
 from __future__ import annotations
 
 import csv
+import json
 import re
 
 import pytest
 
-import dforce.ablate
-from dforce.ablate import AblationError, ablate, markdown_table
+import dforce.evaluation.ablate
 from dforce.cli import main
-from dforce.config import load_config
-from dforce.synthetic import write_bouncing_balls
-from dforce.trajectory import get_weighting
+from dforce.data.synthetic import write_bouncing_balls
+from dforce.diffusion.trajectory import get_weighting
+from dforce.evaluation.ablate import AblationError, ablate, markdown_table
+from dforce.training.config import load_config
 
 CONFIG = """\
 output_dir: {out}
@@ -84,11 +85,47 @@ def test_a_tiny_grid_fills_every_cell_and_resumes(config_file, monkeypatch, caps
     def fail(*args, **kwargs):
         raise AssertionError("nothing should be recomputed")
 
-    monkeypatch.setattr(dforce.ablate, "train", fail)
-    monkeypatch.setattr(dforce.ablate, "evaluate", fail)
-    monkeypatch.setattr(dforce.ablate, "held_out_loss_by_level", fail)
+    monkeypatch.setattr(dforce.evaluation.ablate, "train", fail)
+    monkeypatch.setattr(dforce.evaluation.ablate, "evaluate", fail)
+    monkeypatch.setattr(dforce.evaluation.ablate, "held_out_loss_by_level", fail)
     ablate(config_file, WEIGHTINGS, 2, ["train.lr=1e-3"], clips=3, elbo_draws=2, progress=False)
     assert (root / "results.md").read_text() == table
+
+
+class Scored(Exception):
+    """Raised by a spy in place of an evaluation."""
+
+
+def test_each_model_is_scored_with_its_own_recipe(config_file, monkeypatch, capsys):
+    """Each model is sampled as its sampling.json says, under each schedule of --schedules; a run exported
+    before models carried a recipe as its config validates it."""
+    grid = dict(clips=3, elbo_draws=2, schedules=["autoregressive"], progress=False)
+    ablate(config_file, ["teacher"], 1, ["train.lr=1e-3"], **grid)  # trained (and scored) by now
+    recipe = config_file.parent / "out/runs/teacher/seed0/model/sampling.json"
+    saved, seen = recipe.read_text(), []
+
+    def spy(model, noise, clips, settings, decoder=None):
+        seen.append(settings)
+        raise Scored
+
+    monkeypatch.setattr(dforce.evaluation.ablate, "evaluate", spy)
+    try:
+        recipe.write_text(json.dumps({**json.loads(saved), "steps": 3, "history_guidance": 1.5}))
+        capsys.readouterr()
+        with pytest.raises(Scored):
+            ablate(config_file, ["teacher"], 1, ["train.lr=1e-3"], **grid)
+        assert (seen[0].steps, seen[0].history_guidance, seen[0].scheduling) == (3, 1.5, "autoregressive")
+        assert (
+            "ablate: sampling: ddim, 3 steps, autoregressive, history guidance 1.5 "
+            "(from the model's sampling.json; --schedules given)"
+        ) in capsys.readouterr().out
+        recipe.unlink()  # the config's own: validation.sampling_steps 2, the evaluation already cached
+        ablate(config_file, ["teacher"], 1, ["train.lr=1e-3"], **grid)
+        assert "sampling: ddim, 2 steps, autoregressive (the run's config: no sampling.json in" in (
+            capsys.readouterr().out
+        )
+    finally:
+        recipe.write_text(saved)
 
 
 def test_bad_grids_fail_before_training(config_file):

@@ -3,7 +3,7 @@ import itertools
 import pytest
 import torch
 
-from dforce.attention import (
+from dforce.models.attention import (
     KVCache,
     Layout,
     attend,

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from dforce.config import Config, ConfigError, load_config, model_kwargs
+from dforce.training.config import Config, ConfigError, load_config, model_kwargs
 
 BASE = """\
 output_dir: out

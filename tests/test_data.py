@@ -6,12 +6,12 @@ import pytest
 import torch
 from conftest import pattern, write_index_shards
 
-from dforce.clips import DataConfig, clip_indices, resize_crop
-from dforce.data import check_text, make_loader, to_float
-from dforce.decode import SkipSample, Video
-from dforce.latents import LatentSpace
-from dforce.reading import expand_shards
-from dforce.shards import ShardSink, encode_video
+from dforce.data.clips import DataConfig, clip_indices, resize_crop
+from dforce.data.decode import SkipSample, Video
+from dforce.data.latents import LatentSpace
+from dforce.data.loader import check_text, make_loader, to_float
+from dforce.data.reading import expand_shards
+from dforce.data.shards import ShardSink, encode_video
 
 
 def config(shards, **options) -> DataConfig:
@@ -194,7 +194,7 @@ def bad_shards(tmp_path) -> tuple[list[str], int]:
 
 def test_bad_samples_are_skipped_and_counted(tmp_path, caplog):
     shards, bad = bad_shards(tmp_path)
-    with caplog.at_level(logging.WARNING, logger="dforce.data"):
+    with caplog.at_level(logging.WARNING, logger="dforce.data.loader"):
         batches = list(loader(config(shards, shuffle=False), 3))  # one pass over 15 samples
     assert len(batches) == 5 and sum(batch["skipped"] for batch in batches) == bad
     assert all(

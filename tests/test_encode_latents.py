@@ -16,13 +16,13 @@ from conftest import pattern, write_index_shards
 from test_vae import MEAN, STD, save, tiny_kl, tiny_wan
 
 from dforce.cli import main
-from dforce.clips import DataConfig, resize_crop
-from dforce.data import make_loader, probe_shards, to_float
-from dforce.decode import decode_video
-from dforce.encode_latents import encode_latents
-from dforce.reading import read_samples
-from dforce.shards import ShardSink, encode_video
-from dforce.vae import load_vae
+from dforce.data.clips import DataConfig, resize_crop
+from dforce.data.decode import decode_video
+from dforce.data.encode_latents import encode_latents
+from dforce.data.loader import make_loader, probe_shards, to_float
+from dforce.data.reading import read_samples
+from dforce.data.shards import ShardSink, encode_video
+from dforce.data.vae import load_vae
 
 TOOL = Path(__file__).parent.parent / "tools/encode_latents.py"
 
@@ -144,3 +144,26 @@ def test_lengths_a_causal_vae_cannot_encode(wan, index_shards, tmp_path):
 def test_a_missing_vae_is_named(index_shards, tmp_path):
     with pytest.raises(SystemExit, match=f"^dforce encode-latents: no VAE folder {tmp_path / 'nowhere'}$"):
         main(["encode-latents", index_shards[0], "--vae", str(tmp_path / "nowhere"), "--out", str(tmp_path)])
+
+
+def test_encode_latents_that_writes_nothing_fails(wan, tmp_path, capsys):
+    """Shards with no samples (a text file) or none that decodes: a one-line error naming the shards, after
+    the summary; the normal run (the `wan` fixture's) returns, exit status 0."""
+    vae = ["--vae", str(wan.root / "pipeline"), "--subfolder", "vae", "--out", str(tmp_path / "latents")]
+    text = tmp_path / "notes.txt"
+    text.write_text("not a shard\n")
+    with ShardSink(tmp_path / "records") as sink:
+        for key in "ab":
+            sink.write({"__key__": key, "json": {"caption": "no video"}})
+    cases = [
+        (str(text), f"no samples in {text} (webdataset .tar shards of videos)"),
+        (sink.shards[0], f"all 2 samples read from {sink.shards[0]} were skipped (no video in fields"),
+    ]
+    for shards, message in cases:
+        with pytest.raises(SystemExit) as exit:
+            main(["encode-latents", shards, *vae])
+        assert str(exit.value).startswith(f"dforce encode-latents: nothing written: {message}")
+        assert "\n" not in str(exit.value) and "0 samples written" in capsys.readouterr().out
+    assert not (tmp_path / "latents").exists()
+    assert main(["encode-latents", wan.videos[0], *vae]) is None  # no SystemExit: status 0
+    assert "2 videos read, 2 samples written to 1 shards, 0 skipped" in capsys.readouterr().out

@@ -13,7 +13,14 @@ import pytest
 import torch
 
 from dforce.cli import main
-from dforce.evaluate import (
+from dforce.data.reading import read_samples
+from dforce.data.shards import ShardSink
+from dforce.data.synthetic import write_bouncing_balls
+from dforce.diffusion.likelihood import check_unit_steps, elbo, ode_nll
+from dforce.diffusion.noise import NoiseConfig
+from dforce.diffusion.rollout import rollout
+from dforce.diffusion.trajectory import get_weighting
+from dforce.evaluation.evaluate import (
     EvalSettings,
     copy_last_frame,
     evaluate,
@@ -23,15 +30,8 @@ from dforce.evaluate import (
     rollout_scores,
     score_frames,
 )
-from dforce.likelihood import check_unit_steps, elbo, ode_nll
-from dforce.metrics import ball_errors
-from dforce.model import CausalVideoTransformer
-from dforce.noise import NoiseConfig
-from dforce.reading import read_samples
-from dforce.rollout import rollout
-from dforce.shards import ShardSink
-from dforce.synthetic import write_bouncing_balls
-from dforce.trajectory import get_weighting
+from dforce.evaluation.metrics import ball_errors
+from dforce.models.model import CausalVideoTransformer
 
 LEVELS = 20
 TEXT_DIM = 8

@@ -14,8 +14,8 @@ import torch
 from conftest import shipped_fsdp_policy
 from safetensors.torch import load_file
 
-from dforce.model import CausalVideoTransformer
-from dforce.synthetic import write_bouncing_balls
+from dforce.data.synthetic import write_bouncing_balls
+from dforce.models.model import CausalVideoTransformer
 
 ROOT = Path(__file__).parent.parent
 CONFIG = """\
@@ -43,7 +43,7 @@ if os.environ.get("ACCELERATE_USE_FSDP") == "true":
 
     PartialState(cpu=True).distributed_type = DistributedType.MULTI_GPU
 
-import dforce.trainer as train
+import dforce.training.trainer as train
 from torch.distributed.tensor import DTensor
 
 out = Path(sys.argv.pop(1))

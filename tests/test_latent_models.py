@@ -15,13 +15,13 @@ import pytest
 from conftest import reset_accelerate
 from test_vae import save, tiny_kl, tiny_wan
 
-from dforce.ablate import ablate
 from dforce.cli import main
-from dforce.config import ConfigError, load_config
-from dforce.latents import LatentSpace
-from dforce.synthetic import write_bouncing_balls
-from dforce.train import train
-from dforce.video import read_clip
+from dforce.data.latents import LatentSpace
+from dforce.data.synthetic import write_bouncing_balls
+from dforce.data.video import read_clip
+from dforce.evaluation.ablate import ablate
+from dforce.training.config import ConfigError, load_config
+from dforce.training.train import train
 
 # kind -> (VAE, subfolder, pixel frames of a training clip / a held-out clip, latent side at 16x16)
 KINDS = {"kl": (tiny_kl, None, 4, 5, 8), "wan": (tiny_wan, "vae", 9, 17, 4)}

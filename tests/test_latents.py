@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from dforce.latents import LatentSpace, hash_config
+from dforce.data.latents import LatentSpace, hash_config
 
 MEAN, STD = [0.1, -0.2, 0.3, 0.0], [2.0, 0.5, 4.0, 1.0]
 

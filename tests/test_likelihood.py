@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from dforce.likelihood import NLL, elbo, ode_grid, ode_nll
-from dforce.noise import NoiseSchedule
-from dforce.trajectory import get_weighting
+from dforce.diffusion.likelihood import NLL, elbo, ode_grid, ode_nll
+from dforce.diffusion.noise import NoiseSchedule
+from dforce.diffusion.trajectory import get_weighting
 
 K = 64
 SHAPE = (1, 2, 2)  # [C, H, W] of a frame: D = 4

@@ -1,11 +1,11 @@
 import pytest
 import torch
 
-from dforce.loss import DenoisingLoss
-from dforce.model import CausalVideoTransformer
-from dforce.noise import NoiseSchedule
-from dforce.text import Text
-from dforce.trajectory import get_weighting
+from dforce.data.text import Text
+from dforce.diffusion.loss import DenoisingLoss
+from dforce.diffusion.noise import NoiseSchedule
+from dforce.diffusion.trajectory import get_weighting
+from dforce.models.model import CausalVideoTransformer
 
 FRAMES, LEVELS = 4, 20
 

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from dforce.metrics import ball_errors, ball_speed, find_balls, frame_metrics, mse, psnr, ssim
-from dforce.synthetic import bouncing_balls, render
+from dforce.data.synthetic import bouncing_balls, render
+from dforce.evaluation.metrics import ball_errors, ball_speed, find_balls, frame_metrics, mse, psnr, ssim
 
 
 def random_clips(*shape: int, seed: int = 0) -> torch.Tensor:

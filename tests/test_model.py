@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from dforce.model import CausalVideoTransformer
+from dforce.models.model import CausalVideoTransformer
 
 HORIZON = 6
 

@@ -6,7 +6,7 @@ import torch
 from diffusers import DDPMScheduler, FlowMatchEulerDiscreteScheduler
 from torch.distributions import MultivariateNormal, Normal, kl_divergence
 
-from dforce.noise import PARAMETERIZATIONS, WEIGHTING_OPTIONS, NoiseConfig, NoiseSchedule
+from dforce.diffusion.noise import PARAMETERIZATIONS, WEIGHTING_OPTIONS, NoiseConfig, NoiseSchedule
 
 SCHEDULES = {
     "cosine": ("cosine", {}),

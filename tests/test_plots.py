@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from dforce.cli import main
-from dforce.plots import edge_mass_grid, level_marginals
-from dforce.trajectory import get_weighting
+from dforce.diffusion.trajectory import get_weighting
+from dforce.evaluation.plots import edge_mass_grid, level_marginals
 
 
 def test_two_frame_grid_is_the_exact_edge_mass():

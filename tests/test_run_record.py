@@ -13,10 +13,10 @@ import yaml
 from conftest import reset_accelerate
 from diffusers.optimization import get_scheduler
 
-from dforce.checkpoint import rebase
-from dforce.config import ConfigError, load_config
-from dforce.run_record import RunMismatch, differences, plan_start, resumable
-from dforce.train import train
+from dforce.training.checkpoint import rebase
+from dforce.training.config import ConfigError, load_config
+from dforce.training.run_record import RunMismatch, differences, plan_start, resumable
+from dforce.training.train import train
 
 
 def records(run) -> list[dict]:

@@ -6,17 +6,17 @@ import pytest
 import torch
 from conftest import pattern, write_video
 
-from dforce.backbone import load_model
 from dforce.cli import main
-from dforce.data import to_float
-from dforce.decode import decode_video
-from dforce.history import History
-from dforce.model import CausalVideoTransformer
-from dforce.noise import NoiseConfig, NoiseSchedule
-from dforce.rollout import chunk_schedule, denoise_step, rollout
-from dforce.sampler import Sampler, ddim_step, ddpm_step, euler_step
-from dforce.scheduling import scheduling_matrix
-from dforce.text import Text
+from dforce.data.decode import decode_video
+from dforce.data.loader import to_float
+from dforce.data.text import Text
+from dforce.diffusion.history import History
+from dforce.diffusion.noise import NoiseConfig, NoiseSchedule
+from dforce.diffusion.rollout import chunk_schedule, denoise_step, rollout
+from dforce.diffusion.sampler import Sampler, ddim_step, ddpm_step, euler_step
+from dforce.diffusion.scheduling import scheduling_matrix
+from dforce.models.model import CausalVideoTransformer
+from dforce.training.checkpoint import load_model
 
 K = 1000
 CUSTOM = [[K, K, K], [600, K, K], [0, 300, 900], [0, 0, 400], [0, 0, 0]]

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from dforce.scheduling import scheduling_matrix
+from dforce.diffusion.scheduling import scheduling_matrix
 
 
 @pytest.mark.parametrize("frames", [1, 3, 5])

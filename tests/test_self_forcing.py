@@ -15,14 +15,16 @@ from conftest import launch_two_processes, reset_accelerate
 from safetensors.torch import load_file
 from torch import nn
 
-from dforce.backbone import load_model
-from dforce.config import ConfigError, load_config
-from dforce.noise import NoiseSchedule
-from dforce.objectives.dmd import Plan, SelfForcing, plan_rollout
-from dforce.objectives.ode_init import ode_pairs
-from dforce.rollout import rollout
-from dforce.synthetic import write_bouncing_balls
-from dforce.train import train
+from dforce.cli import main
+from dforce.data.synthetic import write_bouncing_balls
+from dforce.diffusion.noise import NoiseSchedule
+from dforce.diffusion.recipe import SamplingRecipe
+from dforce.diffusion.rollout import chunk_schedule, rollout
+from dforce.training.checkpoint import load_model
+from dforce.training.config import ConfigError, load_config
+from dforce.training.objectives.dmd import Plan, SelfForcing, plan_rollout
+from dforce.training.objectives.ode_init import ode_pairs
+from dforce.training.train import train
 
 TEACHER = """\
 output_dir: {out}
@@ -234,6 +236,24 @@ def test_trains_and_resumes_exactly(tmp_path, teacher):
             assert torch.equal(before[key], again[key]), (file, key)
 
 
+def test_a_generator_records_the_step_grid_it_was_trained_on(tmp_path, teacher, capsys):
+    """The exported generator's sampling.json: autoregressive on its steps and shift, with its sink and
+    context noise, so that `dforce sample` and `dforce eval` roll it out on the grid it was trained on."""
+    overrides = ["train.max_steps=1", "self_forcing.sink=1", "self_forcing.context_noise=2"]
+    _, config = student_config(tmp_path, teacher, *overrides)
+    model = train(config)
+    recipe = SamplingRecipe.load(model)
+    assert recipe == SamplingRecipe(steps=3, shift=2.0, sink=1, context_noise=2, scheduling="autoregressive")
+    net, noise = load_model(model)
+    core = SelfForcing(config, noise.build(), net)
+    matrix, window = chunk_schedule(net, noise.levels, **recipe.schedule_kwargs())
+    assert torch.equal(matrix, core.matrix) and window == core.window  # the training rollout's grid
+    main(["sample", "--model", str(model), "--frames", "2", "--out", str(tmp_path / "v.mp4")])
+    assert "sampling: ddim, 3 steps, shift 2, autoregressive, context noise 2, sink 1 (from the model's" in (
+        capsys.readouterr().out
+    )
+
+
 def test_config_errors(tmp_path, teacher):
     path, _ = student_config(tmp_path, teacher)
     with pytest.raises(ConfigError, match="objective self_forcing needs"):
@@ -251,8 +271,8 @@ import sys
 from pathlib import Path
 from accelerate import PartialState
 from safetensors.torch import save_file
-import dforce.objectives.self_forcing as sf
-import dforce.trainer as trainer
+import dforce.training.objectives.self_forcing as sf
+import dforce.training.trainer as trainer
 
 out = Path(sys.argv.pop(1))
 plan_rollout, export_model = sf.plan_rollout, trainer.export_model

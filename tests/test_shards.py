@@ -1,5 +1,7 @@
 import json
 import os
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -7,11 +9,11 @@ import numpy as np
 import pytest
 
 from dforce.cli import main
-from dforce.clips import DataConfig
-from dforce.data import make_loader
-from dforce.decode import decode_video
-from dforce.reading import read_samples
-from dforce.shards import ShardSink, make_shards
+from dforce.data.clips import DataConfig
+from dforce.data.decode import decode_video
+from dforce.data.loader import make_loader
+from dforce.data.reading import read_samples
+from dforce.data.shards import ShardSink, make_shards
 
 
 def samples_of(shards) -> list[dict]:
@@ -146,6 +148,7 @@ def test_a_failing_run_leaves_only_complete_shards(tmp_path):
         (["make-shards", ".", "--out", "x", "--size", "64x"], "dforce make-shards: bad size '64x'"),
         (["make-shards", ".", "--out", "x", "--stride", "2"], "dforce make-shards: stride needs clip_frames"),
         (["make-synthetic", "--out", "x", "--balls", "9"], "dforce make-synthetic: at most 8 balls"),
+        (["make-synthetic", "--out", "x", "--maxcount", "0"], "dforce make-synthetic: maxcount must be >= 1"),
     ],
 )
 def test_cli_errors_name_the_problem(argv, message, tmp_path, monkeypatch):
@@ -160,6 +163,43 @@ def test_cli_make_shards(videos, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "2 videos read, 1 samples written to 1 shards, 1 skipped" in out
     assert "broken.mp4: unreadable" in out
+
+
+def test_make_shards_that_writes_nothing_fails(videos, tmp_path, capsys):
+    """No video among the inputs, or every one skipped: a one-line error naming the inputs (and the reason)
+    after the summary, so that a script stops there; nothing is written."""
+    text = tmp_path / "notes.txt"
+    text.write_text("not a video\n" * 100)
+    (tmp_path / "empty").mkdir()
+    cases = [
+        ([str(text)], f"the video read from {text} was skipped ({text}: unreadable"),
+        ([str(tmp_path / "empty")], f"no videos in {tmp_path / 'empty'} (folders are searched for .mp4"),
+        (
+            [str(videos.root / "broken.mp4"), str(videos.root / "empty.mp4")],
+            f"all 2 videos read from {videos.root / 'broken.mp4'}, {videos.root / 'empty.mp4'} were skipped "
+            "(each reason is listed above)",
+        ),
+    ]
+    for inputs, message in cases:
+        with pytest.raises(SystemExit) as exit:
+            main(["make-shards", *inputs, "--out", str(tmp_path / "out")])
+        assert str(exit.value).startswith(f"dforce make-shards: nothing written: {message}")
+        assert "\n" not in str(exit.value)
+        assert "0 samples written to 0 shards" in capsys.readouterr().out  # the summary, skips listed
+    assert not (tmp_path / "out").exists()
+
+
+def test_make_shards_exit_status(videos, tmp_path):
+    """The shell sees it: `dforce make-shards NOT_A_VIDEO` exits 1 with the message on stderr, a video 0."""
+    text = tmp_path / "notes.txt"
+    text.write_text("not a video\n")
+    for inputs, status in [(text, 1), (videos.root / "a.mp4", 0)]:
+        command = [sys.executable, "-m", "dforce", "make-shards", str(inputs), "--out", str(tmp_path / "out")]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+        assert result.returncode == status, result.stderr
+        refusal = f"dforce make-shards: nothing written: the video read from {text} was skipped"
+        assert not status or result.stderr.strip().splitlines()[-1].startswith(refusal)
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["train-000000.tar"]
 
 
 def test_captions_from_sidecars_and_the_labels_csv(videos, tmp_path):

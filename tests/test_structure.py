@@ -1,5 +1,5 @@
-"""The package's shape: every module imports on its own, the imports between modules form no cycle,
-and no module reaches into another's private names."""
+"""The package's shape: one folder per layer, no folder importing a folder above it, every module
+importing on its own, no import cycle, and no module reaching into another's private names."""
 
 from __future__ import annotations
 
@@ -71,7 +71,7 @@ def test_the_cycle_finder_finds_cycles():
 
 def test_no_import_cycle():
     edges = graph()
-    assert len(edges) > 20 and edges["dforce.train"]  # the graph was read
+    assert len(edges) > 20 and edges["dforce.training.train"]  # the graph was read
     assert cycle(edges) is None, " -> ".join(cycle(edges))
 
 
@@ -100,3 +100,49 @@ def test_no_private_names_from_other_modules(name):
         if n.startswith("_") and n != "__version__"
     ]
     assert not private, f"{path.name} imports private names {private}"
+
+
+# The layers, bottom up (docs/ARCHITECTURE.md). Folders of one rank are independent of each other; the
+# package's own `__init__` (DforceError, the lazy public API) sits below them all, the command line on top.
+LAYERS = {"data": 0, "models": 0, "diffusion": 1, "training": 2, "evaluation": 3, "cli": 4}
+
+
+def layer(module: str) -> str:
+    """`dforce.training.objectives.dmd` -> training; the package's top-level modules -> cli."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 2 or parts[1] in LAYERS else "cli"
+
+
+def test_every_module_sits_in_a_layer_folder():
+    top = sorted(name for name, path in modules().items() if path.parent == PACKAGE and name != "dforce")
+    assert top == ["dforce.__main__", "dforce.cli", "dforce.commands"]
+    assert {layer(name) for name in modules() if name != "dforce"} == set(LAYERS)
+
+
+def test_no_folder_imports_a_folder_above_or_beside_it():
+    upward = [
+        f"{source} -> {target}"
+        for source, targets in graph().items()
+        if source != "dforce"
+        for target in targets
+        if layer(source) != layer(target) and LAYERS[layer(source)] <= LAYERS[layer(target)]
+    ]
+    assert not upward, "imports against the layers:\n" + "\n".join(sorted(upward))
+
+
+def test_the_layer_check_sees_a_crossing():
+    assert layer("dforce.diffusion.loss") == "diffusion" and layer("dforce.commands") == "cli"
+    assert LAYERS[layer("dforce.diffusion.loss")] <= LAYERS[layer("dforce.training.config")]
+
+
+def test_the_public_api_imports_lazily():
+    """`import dforce` loads no torch (the CLI starts fast); every public name resolves to its module's."""
+    script = (
+        "import importlib, sys, dforce\n"
+        "assert 'torch' not in sys.modules, 'import dforce loaded torch'\n"
+        "for name, module in dforce.PUBLIC.items():\n"
+        "    assert getattr(dforce, name) is getattr(importlib.import_module(module), name), name\n"
+        "assert set(dforce.PUBLIC) <= set(dir(dforce))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]

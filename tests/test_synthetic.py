@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 
 from dforce.cli import main
-from dforce.clips import DataConfig
-from dforce.data import make_loader
-from dforce.reading import read_samples
-from dforce.synthetic import bouncing_balls, simulate
+from dforce.data.clips import DataConfig
+from dforce.data.loader import make_loader
+from dforce.data.reading import read_samples
+from dforce.data.synthetic import bouncing_balls, simulate
 
 
 def test_deterministic_by_seed_and_index():

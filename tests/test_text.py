@@ -24,19 +24,19 @@ from transformers import (
     UMT5EncoderModel,
 )
 
-from dforce.backbone import load_model
 from dforce.cli import main
-from dforce.clips import DataConfig
-from dforce.config import ConfigError, load_config
-from dforce.data import make_loader
-from dforce.encode_text import encode_text
-from dforce.model import CausalVideoTransformer
-from dforce.noise import NoiseConfig
-from dforce.objectives.dmd import Plan, SelfForcing
-from dforce.reading import read_samples
-from dforce.shards import ShardSink, encode_video
-from dforce.text import Text, TextEncoder, TextEncoderNotFound, encoder_folders
-from dforce.train import train
+from dforce.data.clips import DataConfig
+from dforce.data.encode_text import encode_text
+from dforce.data.loader import make_loader
+from dforce.data.reading import read_samples
+from dforce.data.shards import ShardSink, encode_video
+from dforce.data.text import Text, TextEncoder, TextEncoderNotFound, encoder_folders
+from dforce.diffusion.noise import NoiseConfig
+from dforce.models.model import CausalVideoTransformer
+from dforce.training.checkpoint import load_model
+from dforce.training.config import ConfigError, load_config
+from dforce.training.objectives.dmd import Plan, SelfForcing
+from dforce.training.train import train
 
 WORDS = ["a", "the", "red", "blue", "green", "ball", "balls", "falls", "bounces", "collide", "two", "one"]
 WORDS += ["left", "right", "fast", "slow"]
@@ -182,6 +182,41 @@ def test_encode_text_adds_the_encoders_output(encoder_dir, tmp_path, capsys):
         ]
     )
     assert "3 samples read, 2 written with text to 1 shards, 0 shards already encoded kept, 1 skipped" in (
+        capsys.readouterr().out
+    )
+
+
+def test_encode_text_that_writes_nothing_fails(encoder_dir, tmp_path, capsys):
+    """No samples (a text file) or no caption among them: a one-line error naming the shards, after the
+    summary. A rerun that finds every shard already in --out has its output, and a fresh run writes: both
+    return (exit status 0)."""
+    encoder = ["--encoder", str(encoder_dir), "--text-length", "8"]
+    text = tmp_path / "notes.txt"
+    text.write_text("not a shard\n")
+    (uncaptioned,) = video_shards(tmp_path / "bare", [None, None])
+    cases = [
+        (str(text), f"no samples in {text} (webdataset .tar shards with captions)"),
+        (uncaptioned, f"all 2 samples read from {uncaptioned} were skipped (no caption in the json record)"),
+    ]
+    for shards, message in cases:
+        with pytest.raises(SystemExit) as exit:
+            main(["encode-text", shards, *encoder, "--out", str(tmp_path / "out")])
+        assert str(exit.value) == f"dforce encode-text: nothing written: {message}"
+        assert "0 written with text to 0 shards" in capsys.readouterr().out
+    assert not list((tmp_path / "out").iterdir())
+
+    shards = video_shards(tmp_path / "in", [CAPTIONS[0], None, CAPTIONS[1], None])  # 2 shards, 1 captioned
+    assert main(["encode-text", shards[0], *encoder, "--out", str(tmp_path / "out")]) is None
+    assert "3 samples read, 2 written with text to 1 shards, 0 shards already encoded kept" in (
+        capsys.readouterr().out
+    )
+    assert main(["encode-text", shards[0], *encoder, "--out", str(tmp_path / "out")]) is None  # a rerun
+    assert "0 samples read, 0 written with text to 0 shards, 1 shards already encoded kept" in (
+        capsys.readouterr().out
+    )
+    pattern = str(tmp_path / "in/train-*.tar")  # the new shard has no caption; the first is kept
+    assert main(["encode-text", pattern, *encoder, "--out", str(tmp_path / "out")]) is None
+    assert "1 samples read, 0 written with text to 0 shards, 1 shards already encoded kept, 1 skipped" in (
         capsys.readouterr().out
     )
 

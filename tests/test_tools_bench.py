@@ -5,8 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from dforce.model import CausalVideoTransformer
-from dforce.wan import CausalWan
+from dforce.models.model import CausalVideoTransformer
+from dforce.models.wan import CausalWan
 
 BENCH = Path(__file__).parent.parent / "tools/bench.py"
 

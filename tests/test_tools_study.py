@@ -8,7 +8,7 @@ import math
 import sys
 from pathlib import Path
 
-from dforce.synthetic import write_bouncing_balls
+from dforce.data.synthetic import write_bouncing_balls
 
 spec = importlib.util.spec_from_file_location("study", Path(__file__).parent.parent / "tools/study.py")
 study = importlib.util.module_from_spec(spec)

@@ -9,8 +9,8 @@ from accelerate.tracking import GeneralTracker
 from accelerate.utils import ProjectConfiguration
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from dforce.config import load_config
-from dforce.trackers import log_frames, start_trackers
+from dforce.training.config import load_config
+from dforce.training.trackers import log_frames, start_trackers
 
 
 class Scalars(GeneralTracker):

@@ -17,14 +17,15 @@ from conftest import launch_two_processes, reset_accelerate
 from safetensors.torch import load_file
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from dforce.checkpoint import TrainingStopped
 from dforce.cli import main
-from dforce.config import ConfigError, load_config
-from dforce.loss import DenoisingLoss, make_loss
-from dforce.model import CausalVideoTransformer
-from dforce.train import train
-from dforce.trainer import mixed_precision
-from dforce.video import read_clip
+from dforce.data.video import read_clip
+from dforce.diffusion.loss import DenoisingLoss
+from dforce.models.model import CausalVideoTransformer
+from dforce.training.checkpoint import TrainingStopped
+from dforce.training.config import ConfigError, load_config
+from dforce.training.engine import make_loss
+from dforce.training.train import train
+from dforce.training.trainer import mixed_precision
 
 
 def run_cli(*args: str, **popen) -> subprocess.Popen:
@@ -70,8 +71,8 @@ def test_overfits_one_batch(config_file):
 
 
 def _batches(config):
-    from dforce.data import to_float
-    from dforce.trainer import clip_batches
+    from dforce.data.loader import to_float
+    from dforce.training.trainer import clip_batches
 
     for batch in clip_batches(config, rank=0, world=1, consumed=0):
         yield to_float(batch["video"])
@@ -229,8 +230,8 @@ def test_mixed_precision_from_the_launch():
 
 PRECISION = """\
 import sys
-from dforce.config import ConfigError, load_config
-from dforce.trainer import make_accelerator
+from dforce.training.config import ConfigError, load_config
+from dforce.training.trainer import make_accelerator
 
 accelerator = make_accelerator(load_config(sys.argv[1], sys.argv[2:]))
 print(f"rank {accelerator.process_index}: {accelerator.mixed_precision}")
@@ -253,7 +254,7 @@ SPY = """\
 import sys
 from pathlib import Path
 from safetensors.torch import save_file
-import dforce.trainer as train
+import dforce.training.trainer as train
 
 out = Path(sys.argv.pop(1))
 clip_batches, export_model = train.clip_batches, train.export_model

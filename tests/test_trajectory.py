@@ -8,7 +8,7 @@ from fractions import Fraction
 import pytest
 import torch
 
-from dforce.trajectory import get_weighting, scheduling_matrix
+from dforce.diffusion.trajectory import get_weighting, scheduling_matrix
 
 SMALL = [(n, K) for n in (1, 2, 3) for K in (1, 2, 3)]
 NAMES = ["independent", "paths", "teacher", "sync", "schedule:pyramid", "schedule:autoregressive"]

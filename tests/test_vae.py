@@ -1,5 +1,5 @@
 """Tiny random autoencoders of each known class, saved with save_pretrained and loaded back through
-`dforce.vae.load_vae` (nothing is downloaded)."""
+`dforce.data.vae.load_vae` (nothing is downloaded)."""
 
 import json
 from pathlib import Path
@@ -8,8 +8,8 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, AutoencoderKLCogVideoX, AutoencoderKLLTXVideo, AutoencoderKLWan
 
-from dforce.latents import hash_config
-from dforce.vae import decode, encode, load_vae
+from dforce.data.latents import hash_config
+from dforce.data.vae import decode, encode, load_vae
 
 MEAN, STD = [0.1, 0.2, 0.3, 0.4], [2.0, 2.0, 4.0, 4.0]
 

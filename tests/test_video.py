@@ -4,9 +4,9 @@ from conftest import pattern
 from conftest import write_video as write_source
 from PIL import Image
 
-from dforce.data import to_float
-from dforce.decode import decode_video
-from dforce.video import read_clip, side_by_side, to_uint8, write_video
+from dforce.data.decode import decode_video
+from dforce.data.loader import to_float
+from dforce.data.video import read_clip, side_by_side, to_uint8, write_video
 
 
 def test_to_uint8_inverts_to_float():

@@ -1,5 +1,5 @@
-"""The wan backbone (`dforce.wan`): tiny random Wan and SkyReels-V2 transformers, saved by diffusers and
-loaded as `model: {backbone: wan, pretrained: DIR}` is. Its forward is diffusers' own where diffusers
+"""The wan backbone (`dforce.models.wan`): tiny random Wan and SkyReels-V2 transformers, saved by diffusers
+and loaded as `model: {backbone: wan, pretrained: DIR}` is. Its forward is diffusers' own where diffusers
 has one, block-causal exactly, cached == recomputed, the teacher layout == per-block forwards; it trains
 under every weighting and self-forcing, and exports a folder plain diffusers loads."""
 
@@ -13,15 +13,16 @@ import torch
 from conftest import reset_accelerate, shipped_fsdp_policy
 from diffusers import SkyReelsV2Transformer3DModel, WanTransformer3DModel
 
-from dforce.ablate import ablate
-from dforce.backbone import build_model, load_model
 from dforce.cli import main
-from dforce.config import ConfigError, load_config
-from dforce.latents import LatentSpace
-from dforce.train import train
-from dforce.trainer import check_frames
-from dforce.trajectory import WEIGHTINGS
-from dforce.wan import SETTINGS_FILE, CausalWan
+from dforce.data.latents import LatentSpace
+from dforce.diffusion.trajectory import WEIGHTINGS
+from dforce.evaluation.ablate import ablate
+from dforce.models.backbone import build_model
+from dforce.models.wan import SETTINGS_FILE, CausalWan
+from dforce.training.checkpoint import load_model
+from dforce.training.config import ConfigError, load_config
+from dforce.training.train import train
+from dforce.training.trainer import check_frames
 
 HORIZON = 6
 TINY = dict(

@@ -1,8 +1,9 @@
-"""README's "Fine-tuning Wan 2.1 / SkyReels-V2" workflow, run as written on its toy pipeline: the bash block
-that starts with `python tools/wan_toy_pipeline.py` is read from README.md and each of its commands run in
-this process (shell variables expanded and words split as bash does), with configs/wan_df.yaml and
-configs/wan_self_forcing.yaml shrunk by the block's own dotted overrides. Nothing is downloaded: the
-pipeline's transformer, VAE, text encoder and tokenizer are tiny random models of the real classes."""
+"""The "Fine-tuning Wan 2.1 / SkyReels-V2" workflow of docs/lora_wan.md, run as written on its toy
+pipeline: the bash block that starts with `python tools/wan_toy_pipeline.py` is read from the page and each
+of its commands run in this process (shell variables expanded and words split as bash does), with
+configs/wan_df.yaml and configs/wan_self_forcing.yaml shrunk by the block's own dotted overrides. Nothing is
+downloaded: the pipeline's transformer, VAE, text encoder and tokenizer are tiny random models of the real
+classes."""
 
 from __future__ import annotations
 
@@ -16,18 +17,20 @@ import pytest
 from conftest import reset_accelerate
 from diffusers import SkyReelsV2Transformer3DModel, WanTransformer3DModel
 
-from dforce.backbone import load_model
 from dforce.cli import main
-from dforce.lora import LORA_FILE
-from dforce.wan import CausalWan
+from dforce.models.lora import LORA_FILE
+from dforce.models.wan import CausalWan
+from dforce.training.checkpoint import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOL = "tools/wan_toy_pipeline.py"
 
 
 def toy_block() -> str:
-    """The README's toy block: the bash block of the Wan section that runs the toy pipeline tool."""
-    section = ROOT.joinpath("README.md").read_text().split("## Fine-tuning Wan 2.1 / SkyReels-V2", 1)[1]
+    """The toy block of docs/lora_wan.md: the bash block of the Wan section that runs the toy pipeline."""
+    section = (
+        ROOT.joinpath("docs/lora_wan.md").read_text().split("## Fine-tuning Wan 2.1 / SkyReels-V2", 1)[1]
+    )
     blocks = re.findall(r"```bash\n(.*?)```", section.split("\n## ", 1)[0], flags=re.S)
     (block,) = [b for b in blocks if b.startswith(f"python {TOOL}")]
     return block
@@ -76,8 +79,8 @@ def run(block: str) -> None:
 @pytest.mark.parametrize("transformer", ["wan", "skyreels"])
 def test_the_readme_toy_workflow_runs_as_written(tmp_path, monkeypatch, transformer):
     """make-shards with captions, encode-latents, encode-text, diffusion forcing (with LoRA), self-forcing
-    from it, sample --prompt from both, export --merge-lora: every command of the README's toy block, on a
-    toy Wan 2.1 pipeline and on one with SkyReels-V2's transformer."""
+    from it, sample --prompt from both, export --merge-lora: every command of the toy block of
+    docs/lora_wan.md, on a toy Wan 2.1 pipeline and on one with SkyReels-V2's transformer."""
     block = toy_block()
     if transformer == "skyreels":
         block = block.replace(

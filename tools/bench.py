@@ -39,28 +39,28 @@ import numpy as np
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from dforce.backbone import Backbone, build_model
-from dforce.clips import DataConfig, resize_crop
-from dforce.config import Config, TrainConfig, model_kwargs
-from dforce.data import make_loader, to_float
-from dforce.decode import decode_video
-from dforce.ema import EMA
-from dforce.encode_latents import encode_latents
-from dforce.history import History
-from dforce.lora import LoraConfig, add_lora, default_targets, lora_module
-from dforce.loss import make_loss
-from dforce.model import CausalVideoTransformer
-from dforce.noise import NoiseSchedule
-from dforce.objectives.denoising import Denoising
-from dforce.reading import read_samples
-from dforce.rollout import chunk_schedule, denoise_chunk
-from dforce.run_record import Start
-from dforce.sampler import Sampler
-from dforce.shards import ShardSink, encode_video
-from dforce.synthetic import bouncing_balls
-from dforce.trainer import Trainer
-from dforce.vae import decode, encode, load_vae
-from dforce.wan import CausalWan
+from dforce.data.clips import DataConfig, resize_crop
+from dforce.data.decode import decode_video
+from dforce.data.encode_latents import encode_latents
+from dforce.data.loader import make_loader, to_float
+from dforce.data.reading import read_samples
+from dforce.data.shards import ShardSink, encode_video
+from dforce.data.synthetic import bouncing_balls
+from dforce.data.vae import decode, encode, load_vae
+from dforce.diffusion.history import History
+from dforce.diffusion.noise import NoiseSchedule
+from dforce.diffusion.rollout import chunk_schedule, denoise_chunk
+from dforce.diffusion.sampler import Sampler
+from dforce.models.backbone import Backbone, build_model
+from dforce.models.lora import LoraConfig, add_lora, default_targets, lora_module
+from dforce.models.model import CausalVideoTransformer
+from dforce.models.wan import CausalWan
+from dforce.training.config import Config, TrainConfig, model_kwargs
+from dforce.training.ema import EMA
+from dforce.training.engine import make_loss
+from dforce.training.objectives.denoising import Denoising
+from dforce.training.run_record import Start
+from dforce.training.trainer import Trainer
 
 
 def machine() -> str:
@@ -278,7 +278,7 @@ def bench_config(args: argparse.Namespace, device: torch.device, checkpointing: 
 def training_step(config: Config, device: torch.device) -> tuple[Callable[[int], None], Backbone]:
     """One optimiser step of `dforce train` on a fixed batch, as its loop runs it: the denoising
     objective's step (trajectory sampling, noising, forward, loss, backward, loss meter, clipping, fused
-    AdamW) and the loop's EMA update; `dforce.trainer` without the data loader, whose cost `bench.py
+    AdamW) and the loop's EMA update; `dforce.training.trainer` without the data loader, whose cost `bench.py
     data` measures."""
     cfg = config.train
     trainer = Trainer(config, Start())  # a fresh run: nothing loaded, nothing moved
@@ -516,8 +516,8 @@ WAN_BYTES = [100.0, 4.0]  # Wan, bf16 autocast: bytes per token and layer = A x 
 
 
 def lora_parameters(model: torch.nn.Module, rank: int) -> int:
-    """Parameters of rank-`rank` adapters on the backbone's default LoRA targets (`dforce.lora`): r(in + out)
-    per adapted linear, matched as peft matches them."""
+    """Parameters of rank-`rank` adapters on the backbone's default LoRA targets (`dforce.models.lora`):
+    r(in + out) per adapted linear, matched as peft matches them."""
     import peft
     from peft.tuners.tuners_utils import check_target_module_exists
 
@@ -945,15 +945,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="encode clips/s (pipeline vs VAE alone), decode ms/frame (dforce vs direct), decode memory",
         description="For each --kind, a random VAE (kl: AutoencoderKL at a quarter of Stable Diffusion's "
         "widths; wan: AutoencoderKLWan at a sixth of Wan 2.1's; real depths, 8x in space) written by "
-        "save_pretrained and loaded by dforce.vae.load_vae. Encode: clips per second of "
-        "dforce.encode_latents.encode_latents (load_vae, tar reading, video decoding, resizing, encoding, "
-        "latent shard writing) over --clips H.264 4:2:0 videos (crf 23) of --frames frames it writes first, "
-        "beside dforce.vae.encode alone on the same clips already decoded to pixels; the ratio of their "
-        "times. Decode: ms per pixel frame of dforce.vae.decode on the latents of the first "
-        f"{DECODE_CLIPS} clips beside the VAE's own decode called on the same latents in one call, and the "
-        "ratio. Memory: peak memory of dforce.vae.decode on random latent clips of each --lengths, minus the "
-        "float32 output (GPU: CUDA's allocator peak; CPU: the profiler's running sum, as `memory` measures), "
-        f"and the ratio longest / shortest (for kl also past one {CHUNK_FRAMES}-frame chunk). Best of "
+        "save_pretrained and loaded by dforce.data.vae.load_vae. Encode: clips per second of "
+        "dforce.data.encode_latents.encode_latents (load_vae, tar reading, video decoding, resizing, "
+        "encoding, latent shard writing) over --clips H.264 4:2:0 videos (crf 23) of --frames frames it "
+        "writes first, beside dforce.data.vae.encode alone on the same clips already decoded to pixels; the "
+        "ratio of their times. Decode: ms per pixel frame of dforce.data.vae.decode on the latents of the "
+        f"first {DECODE_CLIPS} clips beside the VAE's own decode called on the same latents in one call, and "
+        "the ratio. Memory: peak memory of dforce.data.vae.decode on random latent clips of each --lengths, "
+        "minus the float32 output (GPU: CUDA's allocator peak; CPU: the profiler's running sum, as `memory` "
+        f"measures), and the ratio longest / shortest (for kl also past one {CHUNK_FRAMES}-frame chunk). "
+        "Best of "
         "--repeat timed runs after a warm-up.",
     )
     vae.add_argument("--kind", type=vae_kinds, default=["kl", "wan"], help="comma-separated: kl, wan")

@@ -28,10 +28,10 @@ from pathlib import Path
 
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from dforce.ablate import write_csv
-from dforce.plots import plot_curves
-from dforce.summary import BANDS, band_key
-from dforce.synthetic import RADIUS, SPEED, write_bouncing_balls
+from dforce.data.synthetic import RADIUS, SPEED, write_bouncing_balls
+from dforce.evaluation.ablate import write_csv
+from dforce.evaluation.plots import plot_curves
+from dforce.evaluation.summary import BANDS, band_key
 
 ROOT = Path(__file__).resolve().parents[1]
 X0 = ["noise.parameterization=x0"]

@@ -1,13 +1,13 @@
 """A toy stand-in for a downloaded Wan 2.1 / SkyReels-V2 diffusers pipeline, and captioned videos, to try
-README's "Fine-tuning Wan 2.1 / SkyReels-V2" workflow on a CPU in minutes, with nothing downloaded.
+docs/lora_wan.md's "Fine-tuning Wan 2.1 / SkyReels-V2" workflow on a CPU in minutes, with nothing downloaded.
 
     python tools/wan_toy_pipeline.py outputs/wan_toy                       # Wan 2.1's classes
     python tools/wan_toy_pipeline.py outputs/wan_toy --transformer skyreels  # SkyReels-V2's transformer
 
 writes OUT/pipeline/ in the layout of `Wan-AI/Wan2.1-T2V-1.3B-Diffusers` (model_index.json, transformer/,
 vae/, text_encoder/, tokenizer/), every component a tiny random model of the real class written by its own
-`save_pretrained`, and OUT/videos/ (short bouncing-balls mp4s) with OUT/videos/captions.csv. The README's
-commands then run with WAN=OUT/pipeline and the data folders under OUT, plus the overrides that README
+`save_pretrained`, and OUT/videos/ (short bouncing-balls mp4s) with OUT/videos/captions.csv. The page's
+commands then run with WAN=OUT/pipeline and the data folders under OUT, plus the overrides that page
 lists for the toy's sizes (latent frames of 8 x 14, 16 latent channels as Wan's VAE has).
 
 The components keep the real layouts: `WanTransformer3DModel` (or `SkyReelsV2Transformer3DModel`) with
@@ -92,8 +92,8 @@ def write_pipeline(out: str | Path, transformer: str = "wan", seed: int = 0) -> 
 def write_videos(out: str | Path, videos: int = 6, frames: int = 45, size: int = 128) -> Path:
     """OUT/video_N.mp4: bouncing balls (1-3 coloured balls, `size` square, 16 fps), and OUT/captions.csv
     (`path,caption`, the caption naming the balls); returns OUT."""
-    from dforce.shards import encode_video
-    from dforce.synthetic import COLORS, bouncing_balls
+    from dforce.data.shards import encode_video
+    from dforce.data.synthetic import COLORS, bouncing_balls
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

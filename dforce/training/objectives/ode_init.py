@@ -1,0 +1,77 @@
+"""Self-forcing's ODE initialisation: the generator first regresses onto the teacher's many-step
+deterministic (DDIM) samples, from the states of the teacher's ODE path at the generator's levels."""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+from torch import Tensor, nn
+
+from dforce.data.text import Text
+from dforce.diffusion.rollout import denoise_step
+from dforce.training.objectives.dmd import SelfForcing
+
+
+def ode_pairs(core: SelfForcing, teacher: nn.Module, batch: dict, seed: int) -> tuple[Tensor, Tensor, Tensor]:
+    """The teacher's deterministic (DDIM) rollout over the horizon after the batch's context, through the
+    generator's levels and `ode_sampling_steps` levels per block: -> the clip [B, T, C, H, W], and the
+    states on its ODE path at each of the generator's levels [S, B, T, C, H, W] with those levels [S]."""
+    sf, video = core.sf, batch["video"]
+    context = video[:, : sf.context_frames]
+    coarse = core.matrix[:-1, 0]  # [S] the generator's levels, from K down
+    fine = torch.linspace(core.schedule.levels, 0, sf.ode_sampling_steps + 1).round().long()
+    path = torch.cat([coarse, fine]).unique().flip(0)  # [P] descending, K ... 0
+    history = core.history(teacher, batch)
+    generator = torch.Generator(video.device).manual_seed(seed)
+    if len(context[0]):
+        history.commit(context, generator)
+    states = torch.zeros(len(coarse), *video[:, : core.horizon].shape, device=video.device, dtype=video.dtype)
+    states[:, :, : sf.context_frames] = context
+    clip = [context]
+    for start in range(sf.context_frames, core.horizon, core.block):
+        x = torch.randn(video[:, start : start + core.block].shape, generator=generator, device=video.device)
+        for level, next_level in itertools.pairwise(path.tolist()):
+            at = (coarse == level).nonzero()
+            if len(at):
+                states[int(at[0]), :, start : start + core.block] = x
+            levels = torch.full(x.shape[:2], int(level), device=x.device)
+            x, _ = denoise_step(history, x, levels, torch.full_like(levels, int(next_level)), core.sampler)
+        history.commit(x, generator)
+        clip.append(x)
+    return torch.cat(clip, dim=1), states, coarse
+
+
+def ode_regression(
+    core: SelfForcing, teacher: nn.Module, generator: nn.Module, batch: dict, seed: int
+) -> Tensor:
+    """The generator's x0 estimate from a random state of the teacher's ODE path per frame, beside the
+    teacher's clean clip as context (the teacher-forcing layout), regressed onto the ODE's end."""
+    with torch.no_grad():
+        clip, states, levels = ode_pairs(core, teacher, batch, seed)
+    batch_size, frames = clip.shape[:2]
+    pick = torch.randint(
+        0, len(levels), (batch_size, frames // core.block), generator=torch.Generator().manual_seed(seed)
+    )
+    pick = pick.repeat_interleave(core.block, dim=1).to(clip.device)  # [B, T] row per frame
+    x = states.gather(0, pick[None, :, :, None, None, None].expand(1, *clip.shape))[0]  # [B, T, C, H, W]
+    frame_levels = levels.to(clip.device)[pick]  # [B, T]
+    context_levels = torch.full_like(frame_levels, core.sf.context_noise)
+    context = core.schedule.add_noise(
+        clip,
+        torch.randn(clip.shape, generator=torch.Generator(clip.device).manual_seed(seed), device=clip.device),
+        context_levels,
+    )
+    text = Text.of(batch)
+    pred = generator(
+        x,
+        core.schedule.timesteps(frame_levels),
+        labels=batch.get("label"),
+        actions=batch.get("actions"),
+        context=context,
+        context_timesteps=core.schedule.timesteps(context_levels),
+        **({} if text is None else text.kwargs()),
+    )
+    x0 = core.schedule.to_x0_eps(pred.float(), x.float(), frame_levels, core.parameterization)[0]
+    error = (x0 - clip.float()).square().mean(dim=(2, 3, 4))[:, core.sf.context_frames :]  # [B, generated]
+    return error.mean()

@@ -1,0 +1,159 @@
+"""Self-forcing: a few-step generator trained on its own rollouts with the reverse KL (seed 000, section 5).
+
+One step: `gradient_accumulation` generator micro-steps (rollout, then the distribution-matching loss of
+`dforce.training.objectives.dmd`), then `critic_steps` critic updates (the first on the generator's own clips,
+the others on fresh rollouts). With `init: ode` the first `ode_steps` steps regress the generator onto the
+teacher's many-step samples instead (`dforce.training.objectives.ode_init`). The generator and the critic
+start as copies of the teacher, or under `train.lora` as the teacher with an adapter each: three module trees
+over one copy of the teacher's frozen weights (`dforce.models.lora.share_base`), each prepared as a model of
+its own (switching adapters on one module would fight DDP's fixed parameter set and activation checkpointing's
+recompute). Checkpoints hold all three models, both optimisers and the counters, and the loop exports the
+generator's EMA.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import torch
+
+from dforce.data.latents import LatentSpace
+from dforce.data.text import Text
+from dforce.models.lora import merge_lora, share_base
+from dforce.training.checkpoint import load_model
+from dforce.training.config import Config, ConfigError
+from dforce.training.engine import Meter, make_optimizer, optimizer_step, step_seed, trainable
+from dforce.training.objectives.dmd import PLAN, SelfForcing, plan_rollout
+from dforce.training.objectives.ode_init import ode_regression
+
+if TYPE_CHECKING:
+    from dforce.training.trainer import Trainer
+
+
+class SelfForcingObjective:
+    """`objective: self_forcing`, from the model directory `self_forcing.teacher`."""
+
+    name = "self-forcing"
+
+    def __init__(self, config: Config, trainer: Trainer) -> None:
+        sf, cfg = config.self_forcing, config.train
+        if config.model:
+            raise ConfigError(
+                "model: self-forcing takes the teacher's architecture; remove the model section"
+            )
+        teacher_space = LatentSpace.of_model(sf.teacher)
+        if (teacher_space is None) != (trainer.space is None) or (
+            teacher_space is not None and teacher_space.mismatch(trainer.space)
+        ):
+            kinds = [
+                "videos" if s is None else f"latents of {s.vae_class} {s.config_hash[:12]}"
+                for s in (teacher_space, trainer.space)
+            ]
+            raise ConfigError(
+                f"self_forcing.teacher: {sf.teacher} was trained on {kinds[0]}, data.shards hold {kinds[1]}"
+            )
+        teacher, noise = load_model(sf.teacher)
+        teacher = merge_lora(teacher)  # a LoRA-trained teacher as a plain model
+        self.config = config = dataclasses.replace(config, noise=noise)  # exported with the generator
+        self.trainer, accelerator, device = trainer, trainer.accelerator, trainer.device
+        self.schedule = noise.build().to(device)
+        self.core = SelfForcing(config, self.schedule, teacher)
+
+        teacher.requires_grad_(False)
+        teacher.attention_backend = cfg.attention_backend
+        if cfg.lora is None:
+            starts = [merge_lora(load_model(sf.teacher)[0]) for _ in range(2)]
+        else:
+            torch.manual_seed(config.seed)  # the adapters' first weights, alike on every process
+            starts = [share_base(teacher) for _ in range(2)]
+        generator, critic = (trainable(net.train(), cfg, device) for net in starts)
+        self.ode_steps = sf.ode_steps if sf.init == "ode" else 0  # the ODE regression comes first
+        self.steps = cfg.max_steps + self.ode_steps
+        (g_opt, g_sched), (c_opt, c_sched) = (
+            make_optimizer(net, cfg, lr, self.steps, trainer.world)
+            for net, lr in ((generator, cfg.lr), (critic, sf.critic_lr or cfg.lr))
+        )
+        prepared = accelerator.prepare(generator, critic, g_opt, c_opt, g_sched, c_sched)
+        self.model, self.critic, self.g_opt, self.c_opt, self.g_sched, self.c_sched = prepared
+        self.teacher = accelerator.prepare_model(teacher, evaluation_mode=True)  # frozen: no DDP
+
+        self.meter = Meter(self.schedule.levels, device)  # the critic's denoising loss
+        self.dmd_sum, self.grad_sum = torch.zeros((), device=device), torch.zeros((), device=device)
+        self.count = 0
+        self.ode, self.grad_norm, self.critic_norm = False, torch.zeros(()), torch.zeros(())
+
+    def batches_read(self, step: int) -> int:
+        """An ODE step reads a batch a micro-step, a later one `critic_steps` of them."""
+        ode_done = min(step, self.ode_steps)
+        return self.config.train.gradient_accumulation * (
+            ode_done + (step - ode_done) * self.config.self_forcing.critic_steps
+        )
+
+    def step(self, step: int, batches: Iterator[dict]) -> torch.Tensor:
+        trainer, cfg, sf, core = self.trainer, self.config.train, self.config.self_forcing, self.core
+        accelerator, seed0 = trainer.accelerator, self.config.seed
+        self.ode = ode = step < self.ode_steps
+        fakes = []
+        for micro in range(cfg.gradient_accumulation):
+            batch = next(batches)
+            shared = step_seed(seed0, step, micro, PLAN)  # the same on every process
+            seed = step_seed(seed0, step, trainer.rank, micro)
+            with accelerator.accumulate(self.model):
+                if ode:
+                    loss = ode_regression(core, self.teacher, self.model, batch, seed)
+                else:
+                    plan = plan_rollout(shared, sf, core.horizon, core.block, core.total)
+                    clip = core.rollout(self.model, batch, seed, plan)
+                    real = max(0, sf.context_frames - plan.window_start)
+                    loss, grad = core.distribution_matching(
+                        self.teacher, self.critic, clip, seed, real, batch
+                    )
+                    fakes.append((clip.detach(), batch))
+                    self.grad_sum += grad
+                accelerator.backward(loss)
+                self.dmd_sum += loss.detach().float()
+                self.count += 1
+        self.grad_norm = optimizer_step(
+            accelerator, self.model, self.g_opt, self.g_sched, cfg, trainer.state, trainer.output
+        )
+        for update in range(0 if ode else sf.critic_steps):
+            for micro in range(cfg.gradient_accumulation):
+                seed = step_seed(seed0, step, trainer.rank, micro, update + 2)
+                if update == 0:
+                    clip, batch = fakes[micro]
+                else:
+                    batch = next(batches)
+                    shared = step_seed(seed0, step, micro, update + 2, PLAN)
+                    plan = plan_rollout(shared, sf, core.horizon, core.block, core.total)
+                    with torch.no_grad():
+                        clip = core.rollout(self.model, batch, seed, plan)
+                with accelerator.accumulate(self.critic):
+                    out = core.loss(
+                        self.critic, clip, seed, batch.get("label"), batch.get("actions"), Text.of(batch)
+                    )
+                    accelerator.backward(out.loss)
+                self.meter.add(out, batch["skipped"])
+            self.critic_norm = optimizer_step(
+                accelerator, self.critic, self.c_opt, self.c_sched, cfg, trainer.state, trainer.output
+            )
+        return self.grad_norm
+
+    def logs(self, steps: int, seconds: float) -> dict[str, float]:
+        trainer, cfg = self.trainer, self.config.train
+        critic = self.meter.flush(trainer.accelerator, trainer.state)
+        sums = torch.stack([self.dmd_sum, self.grad_sum]) / max(self.count, 1)
+        loss, score_difference = trainer.accelerator.reduce(sums, "mean").tolist()
+        per_step = cfg.gradient_accumulation * (1 if self.ode else self.config.self_forcing.critic_steps)
+        self.dmd_sum.zero_(), self.grad_sum.zero_()
+        self.count = 0
+        return {
+            "generator/ode_loss" if self.ode else "generator/dmd_loss": loss,
+            **{f"critic/{key}": value for key, value in critic.items()},
+            "generator/score_difference": score_difference,
+            "generator/grad_norm": float(self.grad_norm),
+            "critic/grad_norm": float(self.critic_norm),
+            "lr": self.g_sched.get_last_lr()[0],
+            "rollouts_per_s": steps * per_step * cfg.batch_size * trainer.world / seconds,
+        }
