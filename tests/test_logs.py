@@ -46,14 +46,14 @@ class Terminal(io.StringIO):
         return True
 
 
-def test_a_terminal_gets_the_bar(config_file, data, capsys, monkeypatch):
+def test_a_terminal_gets_the_bar(config_file, data, monkeypatch):
     """The bar as before (redrawn with \\r, the loss beside it), no plain step lines, and the validation
     figures still on lines of their own."""
-    terminal = Terminal()
+    terminal, screen = Terminal(), Terminal()
     monkeypatch.setattr("sys.stderr", terminal)
+    monkeypatch.setattr("sys.stdout", screen)
     run(config_file, data)
-    out = capsys.readouterr().out
-    bar = terminal.getvalue()
+    out, bar = screen.getvalue(), terminal.getvalue()
     assert "\r" in bar and "6/6" in bar and "loss=" in bar
     assert not any(map(STEP_LINE.fullmatch, out.splitlines()))
     assert [line.split(":")[0] for line in out.splitlines() if line.startswith(("step ", "held-out"))] == [
@@ -61,6 +61,16 @@ def test_a_terminal_gets_the_bar(config_file, data, capsys, monkeypatch):
         "step 6",
         "held-out next-frame MSE",
     ]
+
+
+def test_stdout_to_a_file_gets_plain_lines_beside_the_bar(config_file, data, capsys, monkeypatch):
+    """`make demo > log`: the bar stays on the terminal, the log gets the plain lines."""
+    terminal = Terminal()
+    monkeypatch.setattr("sys.stderr", terminal)
+    run(config_file, data)
+    out = capsys.readouterr().out
+    assert "\r" in terminal.getvalue() and "\r" not in out
+    assert [int(m[1]) for m in map(STEP_LINE.fullmatch, out.splitlines()) if m] == [2, 4, 6]
 
 
 def test_the_line_names_the_objectives_headline_and_rate():

@@ -11,6 +11,7 @@ Multi-process: `accelerate launch -m dforce train CONFIG` (see docs/training.md)
 from __future__ import annotations
 
 import os
+import sys
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -135,7 +136,8 @@ class Trainer:
             desc=objective.name,
             disable=None if accelerator.is_main_process else True,
         )
-        plain = accelerator.is_main_process and progress.disable  # stderr is no terminal
+        # Plain lines where the bar is off (stderr no terminal) or stdout goes to a file (`make demo > log`).
+        plain = accelerator.is_main_process and (progress.disable or not sys.stdout.isatty())
         tick, tick_step = time.perf_counter(), state.step
         began, began_step = tick, state.step
         while state.step < objective.steps:
