@@ -7,16 +7,18 @@ import dataclasses
 import sys
 
 from dforce import DforceError, __version__, commands
-from dforce.diffusion.recipe import FLAGS, SamplingRecipe
+from dforce.diffusion.recipe import FLAGS, SAMPLE_DEFAULTS, SamplingRecipe
 
 DEFAULT_WEIGHTINGS = "independent,paths,teacher,sync,schedule:pyramid,mixture"
 
 
-def add_sampling_flags(parser: argparse.ArgumentParser, schedules: str) -> None:
+def add_sampling_flags(
+    parser: argparse.ArgumentParser, schedules: str, fallback: SamplingRecipe | None = None
+) -> None:
     """The sampling flags of `dforce sample` and `dforce eval`, each a field of the model's sampling recipe
-    (`dforce.diffusion.recipe.SamplingRecipe`): left out, the model's `sampling.json` says, else the
-    recipe's default (the same for both commands)."""
-    defaults = {f.name: f.default for f in dataclasses.fields(SamplingRecipe)}
+    (`dforce.diffusion.recipe.SamplingRecipe`): left out, the model's `sampling.json` says, else
+    `fallback` (default: the recipe's defaults)."""
+    defaults = dataclasses.asdict(fallback or SamplingRecipe())
     for name, kind, what in (
         ("sampler", str, "ddim, ddpm or euler (`dforce.diffusion.sampler.SAMPLERS`)"),
         ("eta", float, "ddim stochasticity, 0 (deterministic) .. 1"),
@@ -228,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
         sampler,
         "autoregressive, pyramid, sync, teacher, or a .json file holding a custom matrix over the chunk's "
         "frames (rows from all K to all 0)",
+        SAMPLE_DEFAULTS,
     )
     sampler.add_argument("--label", type=int, default=None, help="class label, for class-conditional models")
     sampler.add_argument("--prompt", default=None, help="text, for a model trained with text (text_dim)")

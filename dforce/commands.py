@@ -41,11 +41,13 @@ def nothing_written(
     return DforceError(f"nothing written: {what} skipped ({why})")
 
 
-def sampling(args: argparse.Namespace, matrices: bool = False) -> tuple[SamplingRecipe, str]:
-    """`dforce sample`'s and `dforce eval`'s sampling settings: the model's recipe (`sampling.json`, else the
-    defaults) with the flags given over it (`dforce.diffusion.recipe.resolve`), and the line that says what
-    was used and whence. The names given are checked first, against the code's own tables (`matrices`: a
-    .json schedule too), before the model is read."""
+def sampling(
+    args: argparse.Namespace, matrices: bool = False, defaults: SamplingRecipe | None = None
+) -> tuple[SamplingRecipe, str]:
+    """`dforce sample`'s and `dforce eval`'s sampling settings: the model's recipe (`sampling.json`, else
+    `defaults`, else `SamplingRecipe()`) with the flags given over it (`dforce.diffusion.recipe.resolve`),
+    and the line that says what was used and whence. The names given are checked first, against the code's
+    own tables (`matrices`: a .json schedule too), before the model is read."""
     from dforce.diffusion.recipe import SamplingRecipe, resolve
     from dforce.diffusion.sampler import SAMPLERS
     from dforce.diffusion.scheduling import SCHEDULING_OPTIONS
@@ -54,7 +56,8 @@ def sampling(args: argparse.Namespace, matrices: bool = False) -> tuple[Sampling
         check_choice("--schedule", args.scheduling, SCHEDULING_OPTIONS)
     if args.sampler is not None:
         check_choice("--sampler", args.sampler, SAMPLERS)
-    return resolve(args.model, {f.name: getattr(args, f.name) for f in dataclasses.fields(SamplingRecipe)})
+    given = {f.name: getattr(args, f.name) for f in dataclasses.fields(SamplingRecipe)}
+    return resolve(args.model, given, (defaults, "the command's defaults") if defaults else None)
 
 
 def plot_weights(args: argparse.Namespace) -> None:
@@ -214,13 +217,14 @@ def sample(args: argparse.Namespace) -> None:
     from dforce.data.loader import to_float
     from dforce.data.vae import load_decoder
     from dforce.data.video import read_clip, side_by_side, to_uint8, write_video
+    from dforce.diffusion.recipe import SAMPLE_DEFAULTS
     from dforce.diffusion.rollout import chunk_schedule, rollout
     from dforce.training.checkpoint import load_model
 
     out = args.out or str(Path(args.model).parent / "samples" / f"sample_seed{args.seed}.mp4")
     if not out.endswith(".mp4"):
         raise ValueError(f"--out {out}: must be a .mp4 file (a .gif is written beside it)")
-    recipe, line = sampling(args, matrices=True)  # before the model is loaded
+    recipe, line = sampling(args, matrices=True, defaults=SAMPLE_DEFAULTS)  # before the model is loaded
     if args.prompt is not None and (args.prompt_embeds is not None or args.text_encoder is None):
         raise ValueError("--prompt needs --text-encoder DIR, and excludes --prompt-embeds")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -4,6 +4,7 @@ launcher."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -157,3 +158,10 @@ def config_file(tmp_path, data) -> Path:
     path = tmp_path / "run.yaml"
     path.write_text(CONFIG.format(out=tmp_path / "run", data=data))
     return path
+
+
+class Terminal(io.StringIO):
+    """A stream that says it is a terminal: where dforce draws progress bars."""
+
+    def isatty(self) -> bool:
+        return True

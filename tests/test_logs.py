@@ -3,8 +3,9 @@ steps (step, loss, samples/s, ETA) and the validation figures on lines of their 
 
 from __future__ import annotations
 
-import io
 import re
+
+from conftest import Terminal
 
 from dforce.training.config import load_config
 from dforce.training.train import train
@@ -39,11 +40,6 @@ def test_a_log_that_is_no_terminal_gets_plain_lines(config_file, data, capsys):
     validation = [line for line in lines if line.startswith(("step ", "held-out"))]
     assert [line.split(":")[0] for line in validation] == ["step 3", "step 6", "held-out next-frame MSE"]
     assert validation[0].startswith("step 3: loss_paths") and "copying the last frame" in validation[2]
-
-
-class Terminal(io.StringIO):
-    def isatty(self) -> bool:
-        return True
 
 
 def test_a_terminal_gets_the_bar(config_file, data, monkeypatch):

@@ -14,7 +14,7 @@ from conftest import CONFIG, reset_accelerate
 from dforce.cli import main
 from dforce.data.synthetic import write_bouncing_balls
 from dforce.diffusion.noise import NoiseConfig
-from dforce.diffusion.recipe import SamplingRecipe, resolve
+from dforce.diffusion.recipe import SAMPLE_DEFAULTS, SamplingRecipe, resolve
 from dforce.models.model import CausalVideoTransformer
 from dforce.training.config import load_config
 from dforce.training.train import train
@@ -119,7 +119,7 @@ def save_model(directory: Path, recipe: SamplingRecipe | None = None) -> str:
         for parameter in model.parameters():
             parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.2)
     model.save_pretrained(directory)
-    NoiseConfig(levels=20).save(directory)
+    NoiseConfig(levels=50).save(directory)
     if recipe is not None:
         recipe.save(directory)
     return str(directory)
@@ -166,13 +166,14 @@ def test_sample_uses_the_recipe_unless_a_flag_says_otherwise(models, tmp_path, c
 
 
 def test_a_model_without_a_recipe_samples_with_the_defaults(models, tmp_path, capsys):
+    """A model folder written before recipes samples as `dforce sample` always did: 50 steps."""
     _, old = models
     video = sample(old, tmp_path / "a.mp4")
     assert capsys.readouterr().out.splitlines()[0] == (
-        f"sampling: ddim, 10 steps, autoregressive (defaults: no sampling.json in {old})"
+        f"sampling: ddim, 50 steps, autoregressive (the command's defaults: no sampling.json in {old})"
     )
-    defaults = SamplingRecipe()  # the same defaults for `dforce sample` and `dforce eval`
-    flags = ["--steps", str(defaults.steps), "--schedule", defaults.scheduling, "--sampler", defaults.sampler]
+    assert SamplingRecipe(steps=50) == SAMPLE_DEFAULTS
+    flags = ["--steps", "50", "--schedule", "autoregressive", "--sampler", "ddim"]
     assert video == sample(old, tmp_path / "b.mp4", *flags)
 
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import pattern, write_video
+from conftest import Terminal, pattern, write_video
 
 from dforce.cli import main
 from dforce.data.decode import decode_video
@@ -397,9 +397,11 @@ def test_load_model(model_dir, tmp_path):
         load_model(tmp_path)
 
 
-def test_cli_continues_a_video_and_shows_it_beside_the_real_one(model_dir, tmp_path, capsys):
+def test_cli_continues_a_video_and_shows_it_beside_the_real_one(model_dir, tmp_path, monkeypatch):
     """Context from a 16x32 video the test encodes (resized and cropped to the model's 8x4), 2 frames of
     context + 4 new; the same seed writes the same files."""
+    terminal = Terminal()  # the progress bar shows on a terminal only
+    monkeypatch.setattr("sys.stderr", terminal)
     source = tmp_path / "real.mp4"
     write_video(source, pattern(12, 16, 32))
     outputs = []
@@ -409,7 +411,7 @@ def test_cli_continues_a_video_and_shows_it_beside_the_real_one(model_dir, tmp_p
               "--context-frames", "2", "--steps", "2", "--schedule", "pyramid", "--chunk", "2", "--label",
               "1", "--guidance", "2", "--seed", "3", "--scale", "2", "--out", str(out)])  # fmt: skip
         outputs.append([out.read_bytes(), out.with_suffix(".gif").read_bytes()])
-    assert "rollout" in capsys.readouterr().err  # the progress bar
+    assert "rollout" in terminal.getvalue()  # the progress bar
     assert outputs[0] == outputs[1]
     video = decode_video(outputs[0][0])  # [T, C, H, W]
     assert video.shape == (6, 3, 16, 8)

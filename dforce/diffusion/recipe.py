@@ -4,7 +4,8 @@
 generator: the step grid it was trained on, its shift, sink and context noise), so that `dforce sample`,
 `dforce eval` and `dforce ablate` sample a model as it was validated unless a flag says otherwise
 (`resolve`), and say in one line what they used (`SamplingRecipe.describe`). A model directory written
-before recipes has no `sampling.json`: it samples with the defaults here, the same for every command.
+before recipes has no `sampling.json`: it samples with the defaults here (`dforce sample`: with the 50 steps
+it always took, `SAMPLE_DEFAULTS`).
 
 Imports nothing heavy, so that `dforce --help` can show the defaults; the checks read the samplers' and
 schedules' own tables when a recipe is made.
@@ -132,6 +133,10 @@ class SamplingRecipe:
         if self.sink:
             parts.append(f"sink {self.sink}")
         return ", ".join(parts)
+
+
+# `dforce sample`'s settings for a model without `sampling.json`: the defaults it had before recipes.
+SAMPLE_DEFAULTS = SamplingRecipe(steps=50)
 
 
 def resolve(
