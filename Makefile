@@ -4,12 +4,15 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 # torch is pinned here, the rest by constraints.txt (the set the suite last passed with; `make lock`
 # refreshes it). Without an NVIDIA GPU the CPU build: PyPI's Linux wheel is a multi-GB CUDA build, so on
-# Linux the CPU one comes from PyTorch's CPU index. Pick another build with `make install TORCH=...`.
+# Linux the `+cpu` one, from a local wheelhouse if pip's config names one, else from PyTorch's CPU index.
+# Pick another build with `make install TORCH=...`.
 TORCH_VERSION := 2.13.0
 CPU_INDEX := https://download.pytorch.org/whl/cpu
-TORCH ?= $(shell if command -v nvidia-smi >/dev/null 2>&1; then echo "torch==$(TORCH_VERSION)"; \
-	elif [ "$$(uname -s)" = Linux ]; then echo "torch==$(TORCH_VERSION)+cpu --extra-index-url $(CPU_INDEX)"; \
-	else echo "torch==$(TORCH_VERSION)"; fi)
+TORCH ?= $(shell if ! command -v nvidia-smi >/dev/null 2>&1 && [ "$$(uname -s)" = Linux ]; \
+	then echo "torch==$(TORCH_VERSION)+cpu"; else echo "torch==$(TORCH_VERSION)"; fi)
+# $(call install_torch,BIN): the CPU index only when pip's own indexes lack the build
+install_torch = $(1)/python -m pip install --quiet "$(TORCH)" 2>/dev/null || \
+	$(1)/python -m pip install --quiet "$(TORCH)" --extra-index-url $(CPU_INDEX)
 
 .PHONY: demo self-forcing-demo ablation test lint install lock clean
 
@@ -17,7 +20,7 @@ install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet $(TORCH)
+	$(call install_torch,$(BIN))
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[dev]"
 	touch $@
 
@@ -26,7 +29,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 lock:
 	rm -rf .venv-lock
 	$(PYTHON) -m venv .venv-lock
-	.venv-lock/bin/python -m pip install --quiet $(TORCH)
+	$(call install_torch,.venv-lock/bin)
 	.venv-lock/bin/python -m pip install --quiet -e ".[dev]"
 	( echo "# The tested set of dforce's dependencies (torch is pinned in the Makefile). Refresh: make lock"; \
 	  .venv-lock/bin/python -m pip freeze --exclude-editable | grep -v -i -E "^(torch|nvidia-|triton)" ) \
