@@ -17,6 +17,7 @@ from torch import nn
 
 from dforce.cli import main
 from dforce.data.synthetic import write_bouncing_balls
+from dforce.diffusion.loss import DenoisingLoss
 from dforce.diffusion.noise import NoiseSchedule
 from dforce.diffusion.recipe import SamplingRecipe
 from dforce.diffusion.rollout import chunk_schedule, rollout
@@ -24,6 +25,7 @@ from dforce.training.checkpoint import load_model
 from dforce.training.config import ConfigError, load_config
 from dforce.training.objectives.dmd import Plan, SelfForcing, plan_rollout
 from dforce.training.objectives.ode_init import ode_pairs
+from dforce.training.objectives.self_forcing import SelfForcingObjective
 from dforce.training.train import train
 
 TEACHER = """\
@@ -160,6 +162,29 @@ def test_ode_pairs_lie_on_the_teachers_path(tmp_path, teacher):
     generator = torch.Generator().manual_seed(1)
     noise_frame = torch.randn(2, 1, 3, 16, 16, generator=generator)
     assert torch.equal(states[0, :, 1:2], noise_frame)  # level K: the block's starting noise
+
+
+def test_ode_targets_follow_the_guided_teacher(tmp_path, teacher):
+    """The ODE init regresses onto the teacher as the distribution-matching stage queries it: with its
+    history guidance, so the targets are the guided teacher's own rollout along the same path."""
+    overrides = ["self_forcing.ode_sampling_steps=5", "self_forcing.guidance=2.0"]
+    _, config = student_config(tmp_path, teacher, *overrides)
+    model, noise = load_model(teacher[0])
+    schedule = noise.build()
+    core = SelfForcing(dataclasses.replace(config, noise=noise), schedule, model)
+    video = torch.rand(2, 4, 3, 16, 16) * 2 - 1
+    with torch.no_grad():
+        clip, _, _ = ode_pairs(core, model, {"video": video}, seed=1)
+    matrix = torch.tensor(sorted({50, 40, 25, 0} | {50, 40, 30, 20, 10}, reverse=True))[:, None]
+
+    def reference(guidance: float) -> torch.Tensor:
+        return rollout(
+            model, schedule, noise.parameterization, video[:, :1], 3, scheduling=matrix,
+            history_guidance=guidance, generator=torch.Generator().manual_seed(1),
+        )  # fmt: skip
+
+    torch.testing.assert_close(clip, reference(2.0), rtol=0, atol=1e-6)
+    assert (clip - reference(1.0)).abs().max() > 1e-4  # the guidance changes the targets
 
 
 class GaussianPosterior(nn.Module):
@@ -310,3 +335,61 @@ def test_two_processes_share_the_plan(tmp_path, teacher):
     weights = [load_file(tmp_path / f"weights_{rank}.safetensors") for rank in (0, 1)]
     for key in weights[0]:
         assert torch.equal(weights[0][key], weights[1][key]), key
+
+
+def test_the_rollout_the_dmd_state_and_the_critic_draw_independent_noise(tmp_path, teacher, monkeypatch):
+    """Batch 1, no context: every normal draw of one training step, tagged by who drew it. No draw of the
+    distribution-matching state or of the critic's loss repeats a draw of a rollout (same seed, same
+    device, the same stream: the DMD noise would be the rollout's own starting noise)."""
+    overrides = ["train.max_steps=1", "train.batch_size=1", "self_forcing.context_frames=0"]
+    _, config = student_config(tmp_path, teacher, *overrides)
+    draws, phase = [], ["other"]
+    randn = torch.randn
+
+    def recording(*args, **kwargs):
+        out = randn(*args, **kwargs)
+        draws.append((phase[0], out.detach().flatten().clone()))
+        return out
+
+    def tagged(name, method):
+        def run(*args, **kwargs):
+            before, phase[0] = phase[0], name
+            try:
+                return method(*args, **kwargs)
+            finally:
+                phase[0] = before
+
+        return run
+
+    monkeypatch.setattr(torch, "randn", recording)
+    monkeypatch.setattr(SelfForcing, "rollout", tagged("rollout", SelfForcing.rollout))
+    dmd = tagged("dmd", SelfForcing.distribution_matching)
+    monkeypatch.setattr(SelfForcing, "distribution_matching", dmd)
+    monkeypatch.setattr(DenoisingLoss, "__call__", tagged("critic", DenoisingLoss.__call__))
+    train(config)
+    rollouts = [d for name, d in draws if name == "rollout"]
+    others = [(name, d) for name, d in draws if name in ("dmd", "critic")]
+    assert rollouts and {name for name, _ in others} == {"dmd", "critic"}
+    for name, drawn in others:
+        for started in rollouts:
+            n = min(len(started), len(drawn))
+            assert not torch.equal(started[:n], drawn[:n]), f"the {name} noise repeats a rollout's"
+
+
+def test_the_critic_schedule_counts_critic_updates(tmp_path, teacher, monkeypatch):
+    """A linear schedule: after each generator step the critic, updated critic_steps times a step, is as
+    far along its schedule as the generator is along its own."""
+    overrides = ["train.lr_scheduler=linear", "self_forcing.critic_lr=1e-3"]
+    _, config = student_config(tmp_path, teacher, *overrides)
+    rates = []
+    step = SelfForcingObjective.step
+
+    def spy(objective, *args):
+        norm = step(objective, *args)
+        rates.append((objective.g_sched.get_last_lr()[0], objective.c_sched.get_last_lr()[0]))
+        return norm
+
+    monkeypatch.setattr(SelfForcingObjective, "step", spy)
+    train(config)  # 4 steps of 2 critic updates
+    assert [g / 1e-4 for g, _ in rates] == pytest.approx([0.75, 0.5, 0.25, 0.0])
+    assert [c / 1e-3 for _, c in rates] == pytest.approx([0.75, 0.5, 0.25, 0.0])

@@ -63,10 +63,16 @@ def trainable(model: Backbone, cfg: TrainConfig, device: torch.device) -> Backbo
 
 
 def make_optimizer(
-    model: torch.nn.Module, cfg: TrainConfig, lr: float, steps: int, world: int
+    model: torch.nn.Module,
+    cfg: TrainConfig,
+    lr: float,
+    steps: int,
+    world: int,
+    updates_per_step: int = 1,
 ) -> tuple[torch.optim.Optimizer, object]:
     """AdamW over the trained weights (under LoRA the adapters) and the config's learning-rate schedule
-    over `steps` optimiser steps."""
+    over `steps` training steps (and `warmup_steps`) of `updates_per_step` optimiser updates each (a
+    self-forcing critic updates `critic_steps` times a step)."""
     optimizer = torch.optim.AdamW(
         trained_parameters(model),
         lr=lr,
@@ -78,8 +84,8 @@ def make_optimizer(
     lr_scheduler = get_scheduler(
         cfg.lr_scheduler,
         optimizer,
-        num_warmup_steps=cfg.warmup_steps * world,
-        num_training_steps=steps * world,
+        num_warmup_steps=cfg.warmup_steps * updates_per_step * world,
+        num_training_steps=steps * updates_per_step * world,
     )
     return optimizer, lr_scheduler
 

@@ -35,6 +35,10 @@ from dforce.models.backbone import Backbone
 from dforce.training.config import Config, ConfigError, SelfForcingConfig
 
 PLAN = 1  # seed key of the draws every process shares: exit steps and the loss window
+# Seed keys of a micro-step's noise streams, drawn independently: the generator's rollout, the noise of the
+# distribution-matching state, the critic's denoising loss (one seed for all would noise a generated clip
+# with the very noise its rollout started from, on its own path instead of an independent draw).
+ROLLOUT, DMD, CRITIC = 2, 3, 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,8 +99,10 @@ class SelfForcing:
             level_range=(sf.min_level, sf.max_level),
         )
 
-    def history(self, model: nn.Module, batch: dict) -> History:
-        """A rollout's history for the batch's clips: their labels, actions and text."""
+    def history(self, model: nn.Module, batch: dict, guided: bool = False) -> History:
+        """A rollout's history for the batch's clips: their labels, actions and text; `guided`: with the
+        teacher's guidance over the history and the text, as `distribution_matching` queries it."""
+        guidance = {"history_guidance": self.sf.guidance, "text_guidance": self.sf.text_guidance}
         return History(
             model,
             self.schedule,
@@ -107,6 +113,7 @@ class SelfForcing:
             text=Text.of(batch),
             context_noise=self.sf.context_noise,
             sink=self.sf.sink,
+            **(guidance if guided else {}),
         )
 
     def rollout(self, model: nn.Module, batch: dict, seed: int, plan: Plan) -> Tensor:

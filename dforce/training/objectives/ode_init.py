@@ -1,5 +1,6 @@
 """Self-forcing's ODE initialisation: the generator first regresses onto the teacher's many-step
-deterministic (DDIM) samples, from the states of the teacher's ODE path at the generator's levels."""
+deterministic (DDIM) samples, from the states of the teacher's ODE path at the generator's levels. The
+teacher is queried as the distribution-matching stage queries it: with its history and text guidance."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from torch import Tensor, nn
 
 from dforce.data.text import Text
 from dforce.diffusion.rollout import denoise_step
+from dforce.training.engine import step_seed
 from dforce.training.objectives.dmd import SelfForcing
 
 
@@ -22,7 +24,7 @@ def ode_pairs(core: SelfForcing, teacher: nn.Module, batch: dict, seed: int) -> 
     coarse = core.matrix[:-1, 0]  # [S] the generator's levels, from K down
     fine = torch.linspace(core.schedule.levels, 0, sf.ode_sampling_steps + 1).round().long()
     path = torch.cat([coarse, fine]).unique().flip(0)  # [P] descending, K ... 0
-    history = core.history(teacher, batch)
+    history = core.history(teacher, batch, guided=True)
     generator = torch.Generator(video.device).manual_seed(seed)
     if len(context[0]):
         history.commit(context, generator)
@@ -46,9 +48,10 @@ def ode_regression(
     core: SelfForcing, teacher: nn.Module, generator: nn.Module, batch: dict, seed: int
 ) -> Tensor:
     """The generator's x0 estimate from a random state of the teacher's ODE path per frame, beside the
-    teacher's clean clip as context (the teacher-forcing layout), regressed onto the ODE's end."""
+    teacher's clean clip as context (the teacher-forcing layout), regressed onto the ODE's end. The ODE's
+    noise, the states picked and the context's noise are independent streams of `seed`."""
     with torch.no_grad():
-        clip, states, levels = ode_pairs(core, teacher, batch, seed)
+        clip, states, levels = ode_pairs(core, teacher, batch, step_seed(seed, 1))
     batch_size, frames = clip.shape[:2]
     pick = torch.randint(
         0, len(levels), (batch_size, frames // core.block), generator=torch.Generator().manual_seed(seed)
@@ -59,7 +62,11 @@ def ode_regression(
     context_levels = torch.full_like(frame_levels, core.sf.context_noise)
     context = core.schedule.add_noise(
         clip,
-        torch.randn(clip.shape, generator=torch.Generator(clip.device).manual_seed(seed), device=clip.device),
+        torch.randn(
+            clip.shape,
+            generator=torch.Generator(clip.device).manual_seed(step_seed(seed, 2)),
+            device=clip.device,
+        ),
         context_levels,
     )
     text = Text.of(batch)

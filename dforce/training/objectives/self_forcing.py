@@ -25,7 +25,7 @@ from dforce.models.lora import merge_lora, share_base
 from dforce.training.checkpoint import load_model
 from dforce.training.config import Config, ConfigError
 from dforce.training.engine import Meter, make_optimizer, optimizer_step, step_seed, trainable
-from dforce.training.objectives.dmd import PLAN, SelfForcing, plan_rollout
+from dforce.training.objectives.dmd import CRITIC, DMD, PLAN, ROLLOUT, SelfForcing, plan_rollout
 from dforce.training.objectives.ode_init import ode_regression
 
 if TYPE_CHECKING:
@@ -71,10 +71,10 @@ class SelfForcingObjective:
         generator, critic = (trainable(net.train(), cfg, device) for net in starts)
         self.ode_steps = sf.ode_steps if sf.init == "ode" else 0  # the ODE regression comes first
         self.steps = cfg.max_steps + self.ode_steps
-        (g_opt, g_sched), (c_opt, c_sched) = (
-            make_optimizer(net, cfg, lr, self.steps, trainer.world)
-            for net, lr in ((generator, cfg.lr), (critic, sf.critic_lr or cfg.lr))
-        )
+        # The critic's schedule runs in its own updates: critic_steps per generator step after the ODE steps.
+        g_opt, g_sched = make_optimizer(generator, cfg, cfg.lr, self.steps, trainer.world)
+        critic_lr, updates = sf.critic_lr or cfg.lr, sf.critic_steps
+        c_opt, c_sched = make_optimizer(critic, cfg, critic_lr, cfg.max_steps, trainer.world, updates)
         prepared = accelerator.prepare(generator, critic, g_opt, c_opt, g_sched, c_sched)
         self.model, self.critic, self.g_opt, self.c_opt, self.g_sched, self.c_sched = prepared
         self.teacher = accelerator.prepare_model(teacher, evaluation_mode=True)  # frozen: no DDP
@@ -105,10 +105,10 @@ class SelfForcingObjective:
                     loss = ode_regression(core, self.teacher, self.model, batch, seed)
                 else:
                     plan = plan_rollout(shared, sf, core.horizon, core.block, core.total)
-                    clip = core.rollout(self.model, batch, seed, plan)
+                    clip = core.rollout(self.model, batch, step_seed(seed, ROLLOUT), plan)
                     real = max(0, sf.context_frames - plan.window_start)
                     loss, grad = core.distribution_matching(
-                        self.teacher, self.critic, clip, seed, real, batch
+                        self.teacher, self.critic, clip, step_seed(seed, DMD), real, batch
                     )
                     fakes.append((clip.detach(), batch))
                     self.grad_sum += grad
@@ -128,11 +128,10 @@ class SelfForcingObjective:
                     shared = step_seed(seed0, step, micro, update + 2, PLAN)
                     plan = plan_rollout(shared, sf, core.horizon, core.block, core.total)
                     with torch.no_grad():
-                        clip = core.rollout(self.model, batch, seed, plan)
+                        clip = core.rollout(self.model, batch, step_seed(seed, ROLLOUT), plan)
                 with accelerator.accumulate(self.critic):
-                    out = core.loss(
-                        self.critic, clip, seed, batch.get("label"), batch.get("actions"), Text.of(batch)
-                    )
+                    labels, actions, text = batch.get("label"), batch.get("actions"), Text.of(batch)
+                    out = core.loss(self.critic, clip, step_seed(seed, CRITIC), labels, actions, text)
                     accelerator.backward(out.loss)
                 self.meter.add(out, batch["skipped"])
             self.critic_norm = optimizer_step(
