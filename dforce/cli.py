@@ -53,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
         "distribution of the level at which each frame is trained.",
     )
     plot.add_argument("--frames", type=int, default=2)
+    plot.add_argument("--block", type=int, default=1, help="frames per block, the unit of the cube")
     plot.add_argument("--levels", type=int, default=16, help="diffusion levels K")
     plot.add_argument("--cube-levels", type=int, default=None, help="coarser cube resolution (default K)")
     plot.add_argument(

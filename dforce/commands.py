@@ -69,7 +69,7 @@ def plot_weights(args: argparse.Namespace) -> None:
         options = {"cube_levels": args.cube_levels}
         if name == "mixture":
             options["components"] = {"paths": 0.5, "teacher": 0.5}
-        weightings.append(get_weighting(name, args.frames, args.levels, **options))
+        weightings.append(get_weighting(name, args.frames, args.levels, args.block, **options))
     out = plot_weightings(weightings, args.out, samples=args.samples)
     print(f"wrote {out}")
 

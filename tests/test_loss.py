@@ -68,6 +68,32 @@ def test_teacher_layout_is_every_staircase_state_at_once():
     assert not make_loss("teacher", teacher_layout=False).teacher_layout
 
 
+@torch.no_grad()
+def test_teacher_layout_trains_every_block_at_once():
+    """Blocks of 2 frames: one teacher-layout forward = the mean over blocks J of the loss at block J's
+    staircase state (blocks before J clean, block J at one level, blocks after J pure noise)."""
+    model, x0, schedule = tiny_model(frames_per_block=2), clips(), NoiseSchedule.from_name("cosine", LEVELS)
+    weighting = get_weighting("teacher", FRAMES, LEVELS, frames_per_block=2)
+    loss = DenoisingLoss(schedule, "v", weighting)
+    assert loss.teacher_layout
+    out = loss(model, x0, seed=11)
+    assert torch.equal(out.levels[:, ::2], out.levels[:, 1::2])  # one level per block
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(11))  # the loss's first draw
+    per_frame = []
+    for start in range(0, FRAMES, 2):
+        block = slice(start, start + 2)
+        levels = torch.full_like(out.levels, LEVELS)
+        levels[:, :start] = 0
+        levels[:, block] = out.levels[:, block]
+        x_t = schedule.add_noise(x0, noise, levels)
+        pred = model(x_t, schedule.timesteps(levels))[:, block]
+        target = schedule.target(x0, noise, levels, "v")[:, block]
+        per_frame.append((pred - target).square().mean(dim=(2, 3, 4)))
+    expected = torch.cat(per_frame, 1)  # [B, T]
+    torch.testing.assert_close(out.error, expected, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(out.loss, expected.mean(1).mean(), rtol=1e-4, atol=1e-6)
+
+
 def test_level_weight_scales_each_frame():
     model, x0 = tiny_model(), clips()
     plain, elbo = (

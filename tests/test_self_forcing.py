@@ -21,6 +21,7 @@ from dforce.diffusion.loss import DenoisingLoss
 from dforce.diffusion.noise import NoiseSchedule
 from dforce.diffusion.recipe import SamplingRecipe
 from dforce.diffusion.rollout import chunk_schedule, rollout
+from dforce.models.model import CausalVideoTransformer
 from dforce.training.checkpoint import load_model
 from dforce.training.config import ConfigError, load_config
 from dforce.training.objectives.dmd import Plan, SelfForcing, plan_rollout
@@ -393,3 +394,21 @@ def test_the_critic_schedule_counts_critic_updates(tmp_path, teacher, monkeypatc
     train(config)  # 4 steps of 2 critic updates
     assert [g / 1e-4 for g, _ in rates] == pytest.approx([0.75, 0.5, 0.25, 0.0])
     assert [c / 1e-3 for _, c in rates] == pytest.approx([0.75, 0.5, 0.25, 0.0])
+
+
+def test_every_frame_of_a_block_carries_dmd_and_critic_loss(tmp_path, teacher):
+    """A teacher of blocks of 2 frames: the staircase and the teacher layout per block, so the DMD state
+    and the critic's loss weight every frame of every block, each block at one level."""
+    overrides = ["self_forcing.context_frames=2", "self_forcing.rollout_frames=6"]
+    _, config = student_config(tmp_path, teacher, *overrides)
+    net = CausalVideoTransformer(
+        sample_size=16, patch_size=4, num_frames=4, frames_per_block=2, num_layers=1,
+        num_attention_heads=2, attention_head_dim=8,
+    )  # fmt: skip
+    schedule = NoiseSchedule.from_name("cosine", 50)
+    core = SelfForcing(config, schedule, net)
+    assert core.loss.teacher_layout and core.loss.weighting.block == 2
+    state = core.loss.draw(torch.rand(3, 4, 3, 16, 16) * 2 - 1, seed=0)
+    assert (state.weights > 0).all()
+    assert torch.equal(state.levels[:, ::2], state.levels[:, 1::2])
+    assert state.inputs["context"] is not None  # clean earlier blocks seen through the teacher layout

@@ -57,9 +57,9 @@ def test_overfits_one_batch(config_file):
         ],
     )
     model_dir = train(config)
-    loss_fn = make_loss(config, config.trajectory.name)
-    batch = next(_batches(config))
     trained = CausalVideoTransformer.from_pretrained(model_dir)
+    loss_fn = make_loss(config, config.trajectory.name, trained.frames_per_block)
+    batch = next(_batches(config))
     untrained = CausalVideoTransformer(**trained.config)
 
     def mean_loss(model) -> float:

@@ -74,6 +74,43 @@ def test_closed_form_equals_brute_force(name, n, K):
     assert sum(table.values()) == 1
 
 
+def blocked_brute_force(name: str, blocks: int, K: int, block: int) -> Counter:
+    """Edge fractions on the frame cube of a weighting over blocks, from the block paths: each step of a
+    block lowers its `block` frames together, `block` of the path's n*K frame decrements at one state."""
+    counts: Counter = Counter()
+    for (state, lowered), p in brute_force(name, blocks, K).items():
+        frames = tuple(k for k in state for _ in range(block))
+        for j in range(lowered * block, (lowered + 1) * block):
+            counts[(frames, j)] += p * Fraction(blocks * K, blocks * block * K)
+    return counts
+
+
+@pytest.mark.parametrize("blocks,block,K", [(1, 2, 2), (2, 2, 1), (2, 2, 2), (3, 2, 1), (2, 3, 1), (1, 3, 3)])
+@pytest.mark.parametrize("name", NAMES)
+def test_block_weightings_equal_brute_force(name, blocks, block, K):
+    """Blocks are the unit of the cube: frames of a block share a level, every edge lowers a whole block."""
+    weighting = get_weighting(name, blocks * block, K, frames_per_block=block)
+    assert weighting.block == block and weighting.base.frames == blocks
+    table = exact_table(weighting)
+    expected = blocked_brute_force(name, blocks, K, block)
+    assert table == {edge: expected.get(edge, Fraction(0)) for edge in table}
+    assert sum(table.values()) == 1
+    levels, weights = weighting.sample(500, torch.Generator().manual_seed(0))
+    by_block = levels.view(500, blocks, block)
+    assert (by_block == by_block[:, :, :1]).all()  # one level per block
+    assert torch.equal(
+        weights.view(500, blocks, block), weights.view(500, blocks, block)[:, :, :1].expand(-1, -1, block)
+    )
+
+
+def test_one_frame_blocks_are_the_frame_weighting():
+    frames = get_weighting("paths", 3, 4, frames_per_block=1)
+    assert type(frames).__name__ == "Paths" and frames.block == 1 and frames.base is frames
+    assert get_weighting("teacher", 4, 3, frames_per_block=2).base.name == "teacher"
+    with pytest.raises(ValueError, match="whole blocks of 2"):
+        get_weighting("paths", 3, 4, frames_per_block=2)
+
+
 @pytest.mark.parametrize("n,K", SMALL)
 def test_mixture_is_the_convex_combination(n, K):
     mix = get_weighting("mixture", n, K, components={"paths": 3, "teacher": 1})
@@ -114,6 +151,8 @@ MC_CASES = [
     ("schedule:pyramid", {"offset": 2}),
     ("mixture", {"components": {"paths": 0.7, "schedule:autoregressive": 0.3}}),
     ("paths", {"cube_levels": 3}),  # coarse cube over 12 diffusion levels
+    ("paths", {"frames_per_block": 2}),  # 2 blocks of 2 frames
+    ("independent", {"frames_per_block": 2}),
 ]
 
 
@@ -121,12 +160,13 @@ MC_CASES = [
 def test_sampled_weights_match_edge_probabilities(name, options):
     """The defining property: E[w_j 1[s]] = edge_probability(s, j), checked in total variation."""
     levels = 12 if "cube_levels" in options else 3
-    weighting = get_weighting(name, 3, levels, **options)
+    weighting = get_weighting(name, 4 if "frames_per_block" in options else 3, levels, **options)
     exact = closed_form_table(weighting)
     tv = 0.5 * (empirical_table(weighting, 200_000) - exact).abs().sum()
     assert tv < 0.02, f"{weighting}: total variation {tv:.4f}"
     # The check discriminates: any other weighting is far away.
-    other = get_weighting("paths" if name != "paths" else "independent", 3, 3)
+    block = options.get("frames_per_block", 1)
+    other = get_weighting("paths" if name != "paths" else "independent", weighting.frames, 3, block)
     if "cube_levels" not in options:
         assert 0.5 * (closed_form_table(other) - exact).abs().sum() > 0.1
 

@@ -481,7 +481,7 @@ def saved_bytes(config: Config, device: torch.device, batch: int) -> int:
     model = build_model(model_kwargs(config)).to(device)
     if config.train.lora is not None:
         add_lora(model, config.train.lora)
-    loss_fn = make_loss(config, config.trajectory.name)
+    loss_fn = make_loss(config, config.trajectory.name, model.frames_per_block)
     x0 = torch.rand(batch, config.data.clip_frames, *model.frame_shape) * 2 - 1
     storages: dict[int, int] = {}
 

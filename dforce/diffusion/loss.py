@@ -37,10 +37,11 @@ class NoisedClips:
 class DenoisingLoss:
     """Expected edge KL of a trajectory weighting, up to the per-level weight's scale (seed 000).
 
-    With the `teacher` weighting on a model of one frame per block, the staircase states of all frames
-    are trained in one forward through the model's teacher-forcing layout (clean clip as context, frame
-    j at its own level): each frame gets weight 1/n, which is the weighting's expectation over the
-    staircase position, so the loss has the same scale as drawing one position per clip.
+    With the `teacher` weighting (over frames, or over blocks: `get_weighting(..., block=b)` for a model of
+    b frames per block), the staircase states of all blocks are trained in one forward through the model's
+    teacher-forcing layout (clean clip as context, block J at its own level): each frame gets weight 1/n,
+    which is the weighting's expectation over the staircase position, so the loss has the same scale as
+    drawing one position per clip.
 
     `context_noise` (teacher layout only) puts each context frame at a level drawn from 0..context_noise:
     the model learns to read a slightly noised history, which a rollout's `context_noise` then gives it
@@ -65,7 +66,7 @@ class DenoisingLoss:
     ) -> None:
         self.schedule, self.parameterization, self.weighting = schedule, parameterization, weighting
         self.level_weight, self.level_weight_options = level_weight, dict(level_weight_options or {})
-        self.teacher_layout = teacher_layout and isinstance(weighting, Teacher)
+        self.teacher_layout = teacher_layout and isinstance(weighting.base, Teacher)
         self.drop_history, self.drop_labels, self.drop_text = drop_history, drop_labels, drop_text
         if context_noise and not self.teacher_layout:
             raise ValueError(
@@ -108,10 +109,13 @@ class DenoisingLoss:
         if self.schedule.alpha.device != device:
             self.schedule = self.schedule.to(device)  # once, not a copy per step
         schedule = self.schedule
-        if self.teacher_layout:
-            levels = torch.randint(1, schedule.levels + 1, (batch, frames), generator=cpu)  # [B, T]
+        if self.teacher_layout:  # one level per block (of the weighting's `block` frames)
+            block = self.weighting.block
+            levels = torch.randint(1, schedule.levels + 1, (batch, frames // block), generator=cpu)
+            levels = levels.repeat_interleave(block, 1)  # [B, T]
             weights = torch.full((batch, frames), 1.0 / frames)
-            context_levels = torch.randint(0, self.context_noise + 1, (batch, frames), generator=cpu)
+            context_levels = torch.randint(0, self.context_noise + 1, (batch, frames // block), generator=cpu)
+            context_levels = context_levels.repeat_interleave(block, 1)  # [B, T]
         else:
             levels, weights = self.weighting.sample(batch, cpu)  # [B, T] each
         if self.level_range is not None:

@@ -90,6 +90,7 @@ class Weighting(ABC):
     """
 
     name: ClassVar[str]
+    block: int = 1  # frames that share a level: the unit of the cube (`Blocked`)
 
     def __init__(self, frames: int, levels: int, cube_levels: int | None = None) -> None:
         cube_levels = levels if cube_levels is None else cube_levels
@@ -101,6 +102,11 @@ class Weighting(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(frames={self.frames}, levels={self.levels}, cube={self.cube_levels})"
+
+    @property
+    def base(self) -> Weighting:
+        """The weighting over the cube's units: itself, or for `Blocked` the one over its blocks."""
+        return self
 
     @property
     def decrements(self) -> int:
@@ -337,13 +343,61 @@ class Mixture(Weighting):
         )
 
 
+class Blocked(Weighting):
+    """A weighting over blocks of `block` frames: the frames of a block share a level, and the block, not the
+    frame, is the unit of the cube (diffusion forcing with chunks; a model with `frames_per_block` > 1
+    denoises a block at a time). `base` is the weighting over the n / block blocks.
+
+    One step of a block lowers its `block` frames at once: `block` of the path's n*K frame decrements at the
+    same state. So edge_probability(s, j) = base.edge_probability(S, J) / block for the block state S (s
+    constant on every block, else 0) and j's block J, and each frame carries its block's weight / block.
+    """
+
+    def __init__(self, base: Weighting, block: int) -> None:
+        if block < 1:
+            raise ValueError(f"block must be >= 1, got {block}")
+        super().__init__(base.frames * block, base.levels, base.cube_levels)
+        self.inner, self.block, self.name = base, block, base.name
+
+    def __repr__(self) -> str:
+        return f"Blocked({self.inner!r}, block={self.block})"
+
+    @property
+    def base(self) -> Weighting:
+        return self.inner
+
+    def sample_cube(self, batch, generator=None):
+        cube, weights = self.inner.sample_cube(batch, generator)  # [B, n / block] each
+        return cube.repeat_interleave(self.block, 1), weights.repeat_interleave(self.block, 1) / self.block
+
+    def blocks(self, state: tuple[int, ...]) -> tuple[int, ...] | None:
+        """The block state of a frame state, None where a block's frames differ."""
+        blocks = [state[i : i + self.block] for i in range(0, self.frames, self.block)]
+        return tuple(b[0] for b in blocks) if all(len(set(b)) == 1 for b in blocks) else None
+
+    def _exact(self, state, frame):
+        blocks = self.blocks(state)
+        return Fraction(0) if blocks is None else self.inner._exact(blocks, frame // self.block) / self.block
+
+    def _float(self, state, frame):
+        blocks = self.blocks(state)
+        return 0.0 if blocks is None else self.inner._float(blocks, frame // self.block) / self.block
+
+
 WEIGHTINGS: dict[str, type[Weighting]] = {
     w.name: w for w in (Independent, Paths, Teacher, Sync, Schedule, Mixture)
 }
 
 
-def get_weighting(name: str, frames: int, levels: int, **options) -> Weighting:
-    """Build a weighting by name; `schedule:NAME` is short for `schedule` with `schedule=NAME`."""
+def get_weighting(name: str, frames: int, levels: int, frames_per_block: int = 1, **options) -> Weighting:
+    """Build a weighting by name; `schedule:NAME` is short for `schedule` with `schedule=NAME`.
+    `frames_per_block` > 1: the weighting over the blocks of a model that denoises that many frames
+    together (`Blocked`)."""
+    if frames_per_block > 1:
+        if frames % frames_per_block:
+            raise ValueError(f"frames={frames} must be whole blocks of {frames_per_block}")
+        base = get_weighting(name, frames // frames_per_block, levels, **options)
+        return Blocked(base, frames_per_block)
     name, _, schedule = name.partition(":")
     if schedule:
         if name != "schedule":

@@ -104,7 +104,7 @@ def held_out_loss_by_level(
 ) -> list[float]:
     """Mean held-out loss per noise-level bin (`LEVEL_BINS` of them, nan if empty) under the run's own
     weighting, without training augmentations, over the clips' first horizon frames and fixed seeds."""
-    loss_fn = make_loss(config, config.trajectory.name, augment=False)
+    loss_fn = make_loss(config, config.trajectory.name, model.frames_per_block, augment=False)
     meter = Meter(loss_fn.schedule.levels, model.device)
     video = clips.video[:, : config.data.clip_frames]
     for draw in range(4):  # four states per clip

@@ -248,10 +248,11 @@ def check_names(config: Config) -> None:
     fails now, naming its key and the valid choices, not after the model is built or at the first
     validation. The tables are those the code uses: no second list to keep in step."""
     frames, levels, val = config.data.clip_frames, config.noise.levels, config.validation
-    trajectory = config.trajectory
+    trajectory, block = config.trajectory, config.model.get("frames_per_block", 1)
 
     def weighting(name: str, **options: Any) -> Callable[[], object]:
-        return lambda: get_weighting(name, frames, levels, cube_levels=trajectory.cube_levels, **options)
+        cube = trajectory.cube_levels
+        return lambda: get_weighting(name, frames, levels, block, cube_levels=cube, **options)
 
     checks = {"trajectory.name": weighting(trajectory.name, **trajectory.options)}
     checks |= {f"validation.weightings[{i}]": weighting(name) for i, name in enumerate(val.weightings)}

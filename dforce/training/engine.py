@@ -159,9 +159,10 @@ class Meter:
         return logs
 
 
-def make_loss(config: Config, weighting: str, augment: bool = True) -> DenoisingLoss:
-    """The training loss of `config`; or, for validation, the plain loss under any weighting
-    (`augment=False`: no dropped history, labels or text, no context noise)."""
+def make_loss(config: Config, weighting: str, block: int, augment: bool = True) -> DenoisingLoss:
+    """The training loss of `config` for a model of `block` frames per block (its `frames_per_block`: the
+    weighting's unit); or, for validation, the plain loss under any weighting (`augment=False`: no dropped
+    history, labels or text, no context noise)."""
     options = {"cube_levels": config.trajectory.cube_levels}
     training = weighting == config.trajectory.name
     if training:
@@ -169,10 +170,10 @@ def make_loss(config: Config, weighting: str, augment: bool = True) -> Denoising
     return DenoisingLoss(
         config.noise.build(),
         config.noise.parameterization,
-        get_weighting(weighting, config.data.clip_frames, config.noise.levels, **options),
+        get_weighting(weighting, config.data.clip_frames, config.noise.levels, block, **options),
         level_weight=config.loss.level_weight,
         level_weight_options=config.loss.level_weight_options,
-        teacher_layout=config.loss.teacher_layout and config.model.get("frames_per_block", 1) == 1,
+        teacher_layout=config.loss.teacher_layout,
         drop_history=config.loss.drop_history if augment else 0.0,
         drop_labels=config.loss.drop_labels if augment else 0.0,
         context_noise=config.loss.context_noise if augment and training else 0,

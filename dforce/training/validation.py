@@ -55,7 +55,7 @@ def validate(
     schedule = config.noise.build().to(device)
     sums: dict[str, torch.Tensor] = {}
     counts = {"loss": 0, "rollout": 0}  # batches read, should the held-out data hold fewer than asked
-    losses = {name: make_loss(config, name, augment=False) for name in val.weightings}
+    losses = {name: make_loss(config, name, net.frames_per_block, augment=False) for name in val.weightings}
     sampled = config.sampling_recipe()  # what the exported model records (sampling.json)
     loaders = {"loss": data, "rollout": dataclasses.replace(data, clip_frames=val.context_frames + 1)}
     for purpose, data_config in loaders.items():

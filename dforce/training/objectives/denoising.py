@@ -31,7 +31,7 @@ class Denoising:
             model, optimizer, lr_scheduler
         )
         self.steps = cfg.max_steps
-        self.loss_fn = make_loss(config, config.trajectory.name)
+        self.loss_fn = make_loss(config, config.trajectory.name, model.frames_per_block)
         self.meter = Meter(self.loss_fn.schedule.levels, trainer.device)
         self.grad_norm = torch.zeros(())
 

@@ -88,14 +88,14 @@ class SelfForcing:
         self.matrix, self.window = chunk_schedule(
             net, schedule.levels, "autoregressive", sf.steps, block=self.block, shift=sf.shift
         )
-        weighting = get_weighting(sf.weighting, self.horizon, schedule.levels)
+        weighting = get_weighting(sf.weighting, self.horizon, schedule.levels, self.block)
         self.loss = DenoisingLoss(
             schedule,
             self.parameterization,
             weighting,
             level_weight=config.loss.level_weight,
             level_weight_options=config.loss.level_weight_options,
-            teacher_layout=config.loss.teacher_layout and self.block == 1,
+            teacher_layout=config.loss.teacher_layout,
             level_range=(sf.min_level, sf.max_level),
         )
 
