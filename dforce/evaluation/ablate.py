@@ -197,9 +197,8 @@ def ablate(
         raise AblationError("need at least one weighting, one schedule and seeds >= 1")
     for name in weightings:  # fail before training anything
         try:
-            get_weighting(
-                name, base.data.clip_frames, base.noise.levels, cube_levels=base.trajectory.cube_levels
-            )
+            block, cube = base.model.get("frames_per_block", 1), base.trajectory.cube_levels
+            get_weighting(name, base.data.clip_frames, base.noise.levels, block, cube_levels=cube)
         except ValueError as error:
             raise AblationError(f"--weightings: {error}") from None
     unknown = sorted(set(schedules) - set(SCHEDULING_OPTIONS))
