@@ -45,53 +45,36 @@ def test_seeded_and_reproducible():
     assert (a.levels[~a.trained] == 0).all()  # paths: frames without loss are clean context
 
 
+@pytest.mark.parametrize("block", [1, 2])
 @torch.no_grad()
-def test_teacher_layout_is_every_staircase_state_at_once():
-    """One teacher-layout forward = the mean over j of the loss at the staircase state of frame j."""
-    model, x0, schedule = tiny_model(), clips(), NoiseSchedule.from_name("cosine", LEVELS)
-    loss = make_loss("teacher")
+def test_teacher_layout_is_every_staircase_state_at_once(block):
+    """One teacher-layout forward = the mean over blocks J of the loss at block J's staircase state
+    (blocks before J clean, block J at its one level, blocks after J pure noise): per frame with one frame
+    per block, per block of 2 frames with `frames_per_block=2`."""
+    model, x0, schedule = (
+        tiny_model(frames_per_block=block),
+        clips(),
+        NoiseSchedule.from_name("cosine", LEVELS),
+    )
+    loss = DenoisingLoss(schedule, "v", get_weighting("teacher", FRAMES, LEVELS, frames_per_block=block))
     assert loss.teacher_layout
     out = loss(model, x0, seed=11)
+    assert (out.levels.view(-1, FRAMES // block, block) == out.levels[:, ::block, None]).all()  # per block
     noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(11))  # the loss's first draw
     per_frame = []
-    for j in range(FRAMES):
-        levels = torch.full_like(out.levels, LEVELS)  # right of j: pure noise (unseen by frame j)
-        levels[:, :j] = 0
-        levels[:, j] = out.levels[:, j]
-        x_t = schedule.add_noise(x0, noise, levels)
-        pred = model(x_t, schedule.timesteps(levels))[:, j]
-        target = schedule.target(x0, noise, levels, "v")[:, j]
-        per_frame.append((pred - target).square().mean(dim=(1, 2, 3)))
-    expected = torch.stack(per_frame, 1)  # [B, T]
-    torch.testing.assert_close(out.error, expected, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(out.loss, expected.mean(1).mean(), rtol=1e-4, atol=1e-6)
-    assert not make_loss("teacher", teacher_layout=False).teacher_layout
-
-
-@torch.no_grad()
-def test_teacher_layout_trains_every_block_at_once():
-    """Blocks of 2 frames: one teacher-layout forward = the mean over blocks J of the loss at block J's
-    staircase state (blocks before J clean, block J at one level, blocks after J pure noise)."""
-    model, x0, schedule = tiny_model(frames_per_block=2), clips(), NoiseSchedule.from_name("cosine", LEVELS)
-    weighting = get_weighting("teacher", FRAMES, LEVELS, frames_per_block=2)
-    loss = DenoisingLoss(schedule, "v", weighting)
-    assert loss.teacher_layout
-    out = loss(model, x0, seed=11)
-    assert torch.equal(out.levels[:, ::2], out.levels[:, 1::2])  # one level per block
-    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(11))  # the loss's first draw
-    per_frame = []
-    for start in range(0, FRAMES, 2):
-        block = slice(start, start + 2)
-        levels = torch.full_like(out.levels, LEVELS)
+    for start in range(0, FRAMES, block):
+        frames = slice(start, start + block)
+        levels = torch.full_like(out.levels, LEVELS)  # after the block: pure noise (unseen by it)
         levels[:, :start] = 0
-        levels[:, block] = out.levels[:, block]
+        levels[:, frames] = out.levels[:, frames]
         x_t = schedule.add_noise(x0, noise, levels)
-        pred = model(x_t, schedule.timesteps(levels))[:, block]
-        target = schedule.target(x0, noise, levels, "v")[:, block]
+        pred = model(x_t, schedule.timesteps(levels))[:, frames]
+        target = schedule.target(x0, noise, levels, "v")[:, frames]
         per_frame.append((pred - target).square().mean(dim=(2, 3, 4)))
     expected = torch.cat(per_frame, 1)  # [B, T]
     torch.testing.assert_close(out.error, expected, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(out.loss, expected.mean(1).mean(), rtol=1e-4, atol=1e-6)
+    assert not make_loss("teacher", teacher_layout=False).teacher_layout
 
 
 def test_level_weight_scales_each_frame():
