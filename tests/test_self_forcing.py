@@ -22,8 +22,10 @@ from dforce.diffusion.noise import NoiseSchedule
 from dforce.diffusion.recipe import SamplingRecipe
 from dforce.diffusion.rollout import chunk_schedule, rollout
 from dforce.models.model import CausalVideoTransformer
+from dforce.training import engine
 from dforce.training.checkpoint import load_model
 from dforce.training.config import ConfigError, load_config
+from dforce.training.objectives import self_forcing
 from dforce.training.objectives.dmd import Plan, SelfForcing, plan_rollout
 from dforce.training.objectives.ode_init import ode_pairs
 from dforce.training.objectives.self_forcing import SelfForcingObjective
@@ -80,6 +82,41 @@ def test_plan_is_a_function_of_the_shared_seed(tmp_path, teacher):
     # the window always holds a generated frame, even with long context
     long = dataclasses.replace(sf, context_frames=4)
     assert all(plan_rollout(s, long, 4, 1, 6).window_start >= 1 for s in range(50))
+
+
+def test_a_shared_exit_step_ends_every_block_at_one_row(tmp_path, teacher):
+    """`exit: shared` (Self-Forcing's): one exit row for all generated blocks of a rollout, still drawn
+    over every row, from the shared seed alone."""
+    _, config = student_config(tmp_path, teacher, "self_forcing.exit=shared")
+    sf = config.self_forcing
+    plans = [plan_rollout(seed, sf, horizon=4, block=1, total=6) for seed in range(100)]
+    assert all(len(set(plan.exit_rows)) == 1 for plan in plans)
+    assert {plan.exit_rows[0] for plan in plans} == set(range(sf.steps))
+    assert plan_rollout(7, sf, 4, 1, 6) == plans[7]
+
+
+def test_the_critic_takes_its_own_optimiser_settings(tmp_path, teacher, monkeypatch):
+    """Critic betas, weight decay and clipping from the self_forcing section; the generator keeps train's."""
+    overrides = [
+        "self_forcing.critic_betas=[0.0, 0.999]",
+        "self_forcing.critic_weight_decay=0.01",
+        "self_forcing.critic_max_grad_norm=10",
+        "train.max_steps=1",
+    ]
+    _, config = student_config(tmp_path, teacher, *overrides)
+    clipped = []
+    step = engine.optimizer_step
+
+    def spy(accelerator, model, optimizer, scheduler, cfg, *rest):
+        group = optimizer.param_groups[0]
+        clipped.append((tuple(group["betas"]), group["weight_decay"], cfg.max_grad_norm))
+        return step(accelerator, model, optimizer, scheduler, cfg, *rest)
+
+    monkeypatch.setattr(self_forcing, "optimizer_step", spy)
+    train(config)
+    generator, *critic = clipped  # one generator update, then critic_steps=2 critic updates
+    assert generator == ((0.9, 0.99), 0.0, 1.0)
+    assert critic == [((0.0, 0.999), 0.01, 10.0)] * 2
 
 
 def test_training_rollout_is_the_inference_rollout(tmp_path, teacher):

@@ -108,6 +108,19 @@ def test_killed_run_resumes_bitwise(tmp_path, config_file):
     ]  # keep_checkpoints=3, no partial directory left
 
 
+@pytest.mark.parametrize("start", [0, 100])
+def test_the_ema_copies_the_weights_until_it_starts(tmp_path, config_file, start):
+    """`train.ema_start`: before it the EMA is the weights themselves (diffusers' `update_after_step`), so a
+    run shorter than it exports its last weights; from step 0 the average lags behind them."""
+    overrides = ["train.max_steps=4", "train.checkpoint_every=4", "train.ema_decay=0.9"]
+    run = tmp_path / "run"
+    train(load_config(config_file, [*overrides, f"train.ema_start={start}", f"output_dir={run}"]))
+    exported = load_file(run / "model" / "diffusion_pytorch_model.safetensors")
+    last = weights(run, 4)
+    same = all(torch.equal(exported[key], last[key]) for key in last)
+    assert same == (start > 4)
+
+
 def test_damaged_checkpoint_falls_back(tmp_path, config_file, capsys):
     run = tmp_path / "run"
     train(load_config(config_file, ["train.max_steps=8"]))

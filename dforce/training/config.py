@@ -79,6 +79,7 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.99)
     max_grad_norm: float = 1.0
     ema_decay: float = 0.999
+    ema_start: int = 0  # the EMA copies the weights until this step, then averages (Self-Forcing: 200)
     mixed_precision: str | None = None  # no | bf16; None: the launch's (accelerate launch --mixed_precision)
     gradient_checkpointing: bool = False
     attention_backend: str = "auto"  # auto | flex | sdpa
@@ -107,6 +108,8 @@ class TrainConfig:
             raise ValueError(f"keep_checkpoints: must be >= 0 (0 keeps all), got {self.keep_checkpoints}")
         if self.max_bad_steps < 1:
             raise ValueError(f"max_bad_steps: must be >= 1, got {self.max_bad_steps}")
+        if self.ema_start < 0:
+            raise ValueError(f"ema_start: must be >= 0, got {self.ema_start}")
 
 
 @dataclass
@@ -146,6 +149,11 @@ class SelfForcingConfig:
     context_noise: int = 0  # level at which finished frames are seen, as in `dforce sample`
     critic_steps: int = 5  # critic updates per generator update
     critic_lr: float | None = None  # default train.lr
+    # the critic's AdamW and clipping, each default train's (Self-Forcing: betas (0, 0.999), clip 10)
+    critic_betas: tuple[float, float] | None = None
+    critic_weight_decay: float | None = None
+    critic_max_grad_norm: float | None = None
+    exit: str = "per_block"  # per_block: each generated block exits at its own random step | shared: one
     weighting: str = "teacher"  # the weighting the loss levels are drawn from (teacher: clean history)
     min_level: int = 20  # the distribution-matching levels are clamped to min_level..max_level
     max_level: int = 980
@@ -155,6 +163,8 @@ class SelfForcingConfig:
     def __post_init__(self) -> None:
         if self.init not in ("teacher", "ode"):
             raise ValueError(f"init: must be teacher or ode, got {self.init!r}")
+        if self.exit not in ("per_block", "shared"):
+            raise ValueError(f"exit: must be per_block or shared, got {self.exit!r}")
         for key in ("steps", "critic_steps", "ode_sampling_steps"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key}: must be >= 1, got {getattr(self, key)}")

@@ -265,7 +265,8 @@ def begin(
     checkpointing with the counters and loaded with them from the newest readable checkpoint unless the
     run starts afresh; the start recorded beside (`dforce.training.run_record`)."""
     output = Path(config.output_dir)
-    ema = EMA(trained_parameters(model), decay=config.train.ema_decay, foreach=True)
+    cfg = config.train
+    ema = EMA(trained_parameters(model), decay=cfg.ema_decay, update_after_step=cfg.ema_start, foreach=True)
     accelerator.register_for_checkpointing(ema, state)
     resumed = None if start.fresh else resume(accelerator, output / CHECKPOINTS)
     if accelerator.is_main_process:

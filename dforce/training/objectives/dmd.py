@@ -51,13 +51,15 @@ class Plan:
 
 def plan_rollout(seed: int, sf: SelfForcingConfig, horizon: int, block: int, total: int) -> Plan:
     """The loss window (`horizon` frames of the `total` rolled out, holding at least one generated frame,
-    in whole blocks) and a random exit row in 0..steps-1 per generated block, from `seed` alone."""
+    in whole blocks) and a random exit row in 0..steps-1 per generated block (`exit: shared`: one for all
+    of them), from `seed` alone."""
     generator = torch.Generator().manual_seed(seed)
     first = max(0, sf.context_frames - horizon + block) // block  # the window must reach a new block
     last = (total - horizon) // block
     start = int(torch.randint(first, last + 1, (), generator=generator)) * block
     blocks = -(-(start + horizon - sf.context_frames) // block)
-    return Plan(start, torch.randint(0, sf.steps, (blocks,), generator=generator).tolist())
+    rows = torch.randint(0, sf.steps, (1 if sf.exit == "shared" else blocks,), generator=generator)
+    return Plan(start, rows.expand(blocks).tolist() if sf.exit == "shared" else rows.tolist())
 
 
 class SelfForcing:

@@ -23,7 +23,7 @@ from dforce.data.latents import LatentSpace
 from dforce.data.text import Text
 from dforce.models.lora import merge_lora, share_base
 from dforce.training.checkpoint import load_model
-from dforce.training.config import Config, ConfigError
+from dforce.training.config import Config, ConfigError, TrainConfig
 from dforce.training.engine import Meter, make_optimizer, optimizer_step, step_seed, trainable
 from dforce.training.objectives.dmd import CRITIC, DMD, PLAN, ROLLOUT, SelfForcing, plan_rollout
 from dforce.training.objectives.ode_init import ode_regression
@@ -73,8 +73,9 @@ class SelfForcingObjective:
         self.steps = cfg.max_steps + self.ode_steps
         # The critic's schedule runs in its own updates: critic_steps per generator step after the ODE steps.
         g_opt, g_sched = make_optimizer(generator, cfg, cfg.lr, self.steps, trainer.world)
+        self.critic_cfg = critic_cfg = critic_train_config(config)
         critic_lr, updates = sf.critic_lr or cfg.lr, sf.critic_steps
-        c_opt, c_sched = make_optimizer(critic, cfg, critic_lr, cfg.max_steps, trainer.world, updates)
+        c_opt, c_sched = make_optimizer(critic, critic_cfg, critic_lr, cfg.max_steps, trainer.world, updates)
         prepared = accelerator.prepare(generator, critic, g_opt, c_opt, g_sched, c_sched)
         self.model, self.critic, self.g_opt, self.c_opt, self.g_sched, self.c_sched = prepared
         self.teacher = accelerator.prepare_model(teacher, evaluation_mode=True)  # frozen: no DDP
@@ -135,7 +136,13 @@ class SelfForcingObjective:
                     accelerator.backward(out.loss)
                 self.meter.add(out, batch["skipped"])
             self.critic_norm = optimizer_step(
-                accelerator, self.critic, self.c_opt, self.c_sched, cfg, trainer.state, trainer.output
+                accelerator,
+                self.critic,
+                self.c_opt,
+                self.c_sched,
+                self.critic_cfg,
+                trainer.state,
+                trainer.output,
             )
         return self.grad_norm
 
@@ -156,3 +163,15 @@ class SelfForcingObjective:
             "lr": self.g_sched.get_last_lr()[0],
             "rollouts_per_s": steps * per_step * cfg.batch_size * trainer.world / seconds,
         }
+
+
+def critic_train_config(config: Config) -> TrainConfig:
+    """The train section as the critic's optimiser reads it: the self_forcing section's critic betas, weight
+    decay and clipping over train's."""
+    sf, cfg = config.self_forcing, config.train
+    given = {
+        "betas": sf.critic_betas,
+        "weight_decay": sf.critic_weight_decay,
+        "max_grad_norm": sf.critic_max_grad_norm,
+    }
+    return dataclasses.replace(cfg, **{key: value for key, value in given.items() if value is not None})
