@@ -25,10 +25,10 @@ from collections.abc import Mapping, Sequence
 from fractions import Fraction
 from typing import ClassVar
 
-import numpy
 import torch
 from torch import Tensor
 
+from dforce.diffusion.counting import hypergeometric, log_multinomial, multinomial
 from dforce.diffusion.scheduling import scheduling_matrix
 
 # Below this many decrements per path (n * K), `edge_probability` uses exact integer arithmetic.
@@ -46,37 +46,6 @@ def _rand(shape: tuple[int, ...], generator: torch.Generator | None) -> Tensor:
 
 def _randint(low: int, high: int, shape: tuple[int, ...], generator: torch.Generator | None) -> Tensor:
     return torch.randint(low, high, shape, generator=generator, device=_device(generator))
-
-
-def _multinomial(counts: Sequence[int]) -> int:
-    """(sum c)! / prod(c!), exactly."""
-    out, total = 1, 0
-    for c in counts:
-        total += c
-        out *= math.comb(total, c)
-    return out
-
-
-def _log_multinomial(counts: Sequence[int]) -> float:
-    return math.lgamma(sum(counts) + 1) - sum(math.lgamma(c + 1) for c in counts)
-
-
-def _hypergeometric(draws: Tensor, frames: int, levels: int, generator: torch.Generator | None) -> Tensor:
-    """Levels removed per frame after `draws` steps of a uniform path: [B] -> [B, frames].
-
-    A uniform unit-step path is a uniform shuffle of the multiset {frame j repeated K times}; the
-    counts among its first t entries are multivariate hypergeometric([K]*n, t), drawn exactly as n-1
-    univariate hypergeometrics. torch has none, so numpy draws them from a seed taken from
-    `generator` (reproducible; ~100x faster than shuffling n*K keys).
-    """
-    rng = numpy.random.default_rng(int(_randint(0, 2**62, (1,), generator)))
-    left = draws.cpu().numpy().copy()  # [B] draws not yet assigned to a frame
-    counts = numpy.empty((len(left), frames), dtype=numpy.int64)
-    for j in range(frames - 1):
-        counts[:, j] = rng.hypergeometric(levels, (frames - 1 - j) * levels, left)
-        left -= counts[:, j]
-    counts[:, -1] = left
-    return torch.from_numpy(counts).to(draws.device)
 
 
 class Weighting(ABC):
@@ -189,7 +158,7 @@ class Paths(Weighting):
     def sample_cube(self, batch, generator=None):
         n, K = self.frames, self.cube_levels
         t = _randint(0, n * K, (batch,), generator)  # [B] steps already taken
-        cube = K - _hypergeometric(t, n, K, generator)  # [B, n]
+        cube = K - hypergeometric(t, n, K, int(_randint(0, 2**62, (1,), generator)))  # [B, n]
         weights = cube.float() / cube.sum(dim=1, keepdim=True)
         return cube, weights
 
@@ -203,15 +172,15 @@ class Paths(Weighting):
         if state[frame] == 0:
             return Fraction(0)
         done, rest = self._counts(state, frame)
-        total = _multinomial([self.cube_levels] * self.frames) * self.decrements
-        return Fraction(_multinomial(done) * _multinomial(rest), total)
+        total = multinomial([self.cube_levels] * self.frames) * self.decrements
+        return Fraction(multinomial(done) * multinomial(rest), total)
 
     def _float(self, state, frame):
         if self.decrements <= EXACT_LIMIT or state[frame] == 0:
             return float(self._exact(state, frame))
         done, rest = self._counts(state, frame)
-        log_p = _log_multinomial(done) + _log_multinomial(rest)
-        log_p -= _log_multinomial([self.cube_levels] * self.frames) + math.log(self.decrements)
+        log_p = log_multinomial(done) + log_multinomial(rest)
+        log_p -= log_multinomial([self.cube_levels] * self.frames) + math.log(self.decrements)
         return math.exp(log_p)
 
 

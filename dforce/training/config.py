@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-import types
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,7 +22,6 @@ import yaml
 from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
 from diffusers.optimization import SchedulerType, get_scheduler
 
-from dforce import DforceError
 from dforce.data.clips import DataConfig
 from dforce.diffusion.noise import NoiseConfig
 from dforce.diffusion.recipe import SamplingRecipe
@@ -31,13 +29,10 @@ from dforce.diffusion.scheduling import scheduling_matrix
 from dforce.diffusion.trajectory import get_weighting
 from dforce.models.backbone import BUILDERS
 from dforce.models.lora import LoraConfig
+from dforce.training.tree import ConfigError, build, coerce
 
 # fp16's loss scaling would fight the non-finite-step skip, so a run trains in fp32 or bf16.
 PRECISIONS = ("no", "bf16")
-
-
-class ConfigError(DforceError, ValueError):
-    """A config problem, said in one line that names the file and the key."""
 
 
 @dataclass
@@ -245,7 +240,9 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
                 raise ConfigError(f"override {override!r}: {'.'.join(parents[: depth + 1])} is not a section")
         node[leaf] = yaml.safe_load(text) if text else None
     try:
-        config = _build(Config, raw, "")
+        if isinstance(raw.get("model", {}), dict):  # its keys are its builder's arguments
+            raw["model"] = _check_model(raw.get("model", {}))
+        config = build(Config, raw, "")
         check_names(config)
     except ConfigError as error:
         raise ConfigError(f"{path}: {error}") from None
@@ -315,34 +312,6 @@ def model_kwargs(config: Config) -> dict[str, Any]:
     return {"num_frames": config.data.clip_frames, **config.model}
 
 
-def _build(cls: type, raw: Any, where: str) -> Any:
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{where.rstrip('.') or 'config'}: expected a mapping, got {raw!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for key, value in raw.items():
-        if key not in fields:
-            raise ConfigError(f"{where}{key}: unknown key; valid keys: {', '.join(fields)}")
-        kwargs[key] = _coerce(value, hints[key], f"{where}{key}")
-    missing = [f"{where}{name}" for name, f in fields.items() if _required(f) and name not in kwargs]
-    if missing:
-        raise ConfigError(f"missing required key(s): {', '.join(missing)}")
-    if cls is Config:
-        kwargs["model"] = _check_model(kwargs.get("model", {}))
-    try:
-        return cls(**kwargs)
-    except (TypeError, ValueError) as error:  # "field: problem" from a __post_init__ names its key
-        field_name, sep, problem = str(error).partition(": ")
-        if sep and field_name in fields:
-            raise ConfigError(f"{where}{field_name}: {problem}") from None
-        raise ConfigError(f"{where.rstrip('.') or 'config'}: {error}") from None
-
-
-def _required(f: dataclasses.Field) -> bool:
-    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
-
-
 def _check_model(raw: dict[str, Any]) -> dict[str, Any]:
     """The section's keys against its backbone's builder (`dforce.models.backbone.BUILDERS`), then what that
     backbone checks without building."""
@@ -357,52 +326,10 @@ def _check_model(raw: dict[str, Any]) -> dict[str, Any]:
     for key, value in raw.items():
         if key not in valid:
             raise ConfigError(f"model.{key}: unknown key; valid keys: {', '.join(valid)}")
-        checked[key] = value if key == "backbone" else _coerce(value, hints[key], f"model.{key}")
+        checked[key] = value if key == "backbone" else coerce(value, hints[key], f"model.{key}")
     if builder.check is not None:
         try:
             builder.check(**{key: value for key, value in checked.items() if key != "backbone"})
         except ValueError as error:
             raise ConfigError(f"model.{error}") from None
     return checked
-
-
-def _coerce(value: Any, hint: Any, key: str) -> Any:
-    """`value` as type `hint`, or a ConfigError naming `key`. Ints pass as floats; lists as tuples."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if hint is Any:
-        return value
-    if dataclasses.is_dataclass(hint):
-        return _build(hint, value, f"{key}.")
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        for arm in (a for a in args if a is not type(None)):
-            if dataclasses.is_dataclass(arm) and isinstance(value, dict):
-                return _build(arm, value, f"{key}.")  # a section: its own error names the inner key
-            try:
-                return _coerce(value, arm, key)
-            except ConfigError:
-                continue
-    elif origin in (list, tuple) and isinstance(value, (list, tuple)):
-        if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(value) != len(args):
-                raise ConfigError(f"{key}: expected {len(args)} values, got {value!r}")
-            return tuple(
-                _coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True))
-            )
-        items = [_coerce(v, args[0] if args else Any, f"{key}[{i}]") for i, v in enumerate(value)]
-        return items if origin is list else tuple(items)
-    elif origin is dict and isinstance(value, dict):
-        return {str(k): _coerce(v, args[1] if args else Any, f"{key}.{k}") for k, v in value.items()}
-    elif hint is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
-        try:
-            return float(value)  # YAML reads 1e-4 (no dot) as a string
-        except ValueError:
-            pass
-    elif hint in (int, str, bool) and type(value) is hint:
-        return value
-    name = getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
-    quote = (
-        " (YAML reads an unquoted no, yes, on, off as a bool: quote it)" if isinstance(value, bool) else ""
-    )
-    raise ConfigError(f"{key}: expected {name}, got {value!r}{quote}")
