@@ -129,6 +129,7 @@ class Trainer:
         if clips is not None and self.space is not None:
             decoder = load_decoder(self.space, self.device)
         batches = self.batches(objective.batches_read(state.step), text=text_dim is not None)
+        recipe = config.sampling_recipe()  # how it is validated: exported beside it as sampling.json
         start_trackers(accelerator, config)
         progress = tqdm(  # a bar on a terminal (`disable=None`); else a plain line per log step
             total=objective.steps,
@@ -166,17 +167,16 @@ class Trainer:
                     say(
                         f"held-out next-frame MSE: {logs['val/next_frame_mse_1step']:.4f} as the one-step "
                         f"posterior mean, {logs['val/next_frame_mse']:.4f} sampled in "
-                        f"{val.sampling_steps} steps; copying the last frame: "
+                        f"{recipe.steps} steps; copying the last frame: "
                         f"{logs['val/copy_last_frame_mse']:.4f}"
                     )
             if state.step % cfg.checkpoint_every == 0 or last:  # export first: a kill between redoes both
-                recipe = config.sampling_recipe()  # how it is validated: written as sampling.json
                 export_model(
                     accelerator, objective.model, ema, config.noise, self.output / MODEL, self.space, recipe
                 )
                 save_checkpoint(accelerator, self.output / CHECKPOINTS, state.step, cfg.keep_checkpoints)
         progress.close()
-        model, recipe = self.output / MODEL, config.sampling_recipe()
+        model = self.output / MODEL
         if accelerator.is_main_process and model.is_dir() and not (model / recipe.FILE).is_file():
             recipe.save(model)  # a run that finished before models carried their sampling recipe
         accelerator.end_training()
