@@ -20,7 +20,7 @@ def add_sampling_flags(
     `fallback` (default: the recipe's defaults)."""
     defaults = dataclasses.asdict(fallback or SamplingRecipe())
     for name, kind, what in (
-        ("sampler", str, "ddim, ddpm or euler (`dforce.diffusion.sampler.SAMPLERS`)"),
+        ("sampler", str, "ddim, ddpm, euler or renoise (`dforce.diffusion.sampler.SAMPLERS`)"),
         ("eta", float, "ddim stochasticity, 0 (deterministic) .. 1"),
         ("steps", int, "denoising steps per frame"),
         ("shift", float, "timestep shift of the steps (>1: more at high noise)"),
@@ -142,11 +142,15 @@ def build_parser() -> argparse.ArgumentParser:
         "root with text_encoder/ and tokenizer/) and writes each shard NAME.tar to OUT/NAME.tar with every "
         "sample's fields plus text.npy (float16 [n, D], the n token embeddings, padding left out) and a "
         "`text` entry in its json record. A rerun skips the shards already written; samples without a "
-        "caption are skipped and listed.",
+        "caption are skipped and listed. With --prompt instead of SHARDS: one prompt's embeddings to the "
+        "file --out (safetensors), for `dforce sample --prompt-embeds` and `self_forcing.negative_prompt`.",
     )
-    text.add_argument("shards", help="shards with captions: a list (a::b), glob or brace pattern")
+    text.add_argument(
+        "shards", nargs="?", default=None, help="shards with captions: a list (a::b), glob or brace pattern"
+    )
+    text.add_argument("--prompt", default=None, help="encode this one prompt to the file --out instead")
     text.add_argument("--encoder", required=True, help="local folder of the text encoder or pipeline")
-    text.add_argument("--out", required=True, help="output folder (not the input's)")
+    text.add_argument("--out", required=True, help="output folder (not the input's); with --prompt a file")
     text.add_argument("--text-length", type=int, default=512, help="tokens kept per caption at most")
     text.add_argument("--batch-size", type=int, default=16, help="captions per encoder call")
     text.add_argument("--device", default=None, help="default: cuda if available, else cpu")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from collections.abc import Collection
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from dforce import DforceError
@@ -134,14 +135,24 @@ def encode_text(args: argparse.Namespace) -> None:
     import torch
 
     from dforce.data.encode_text import encode_text
+    from dforce.data.text import TextEncoder
 
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if (args.prompt is None) == (args.shards is None):
+        raise ValueError("give SHARDS (captioned shards to encode) or --prompt TEXT (one prompt), not both")
+    if args.prompt is not None:
+        text = TextEncoder(args.encoder, device, getattr(torch, args.dtype))([args.prompt], args.text_length)
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        text.save(args.out)
+        print(f"wrote the embeddings of {int(text.mask.sum())} tokens to {args.out}")
+        return
     summary = encode_text(
         args.shards,
         args.out,
         args.encoder,
         text_length=args.text_length,
         batch_size=args.batch_size,
-        device=args.device or ("cuda" if torch.cuda.is_available() else "cpu"),
+        device=device,
         dtype=getattr(torch, args.dtype),
         overwrite=args.overwrite,
         progress=True,
@@ -208,7 +219,6 @@ def train(args: argparse.Namespace) -> None:
 
 def sample(args: argparse.Namespace) -> None:
     import json
-    from pathlib import Path
 
     import torch
 
@@ -294,7 +304,6 @@ def sample(args: argparse.Namespace) -> None:
 
 def evaluate(args: argparse.Namespace) -> None:
     import re
-    from pathlib import Path
 
     import torch
 
@@ -328,7 +337,6 @@ def evaluate(args: argparse.Namespace) -> None:
 
 
 def compare(args: argparse.Namespace) -> None:
-    from pathlib import Path
 
     from dforce.evaluation.compare import compare as table
 
@@ -358,7 +366,6 @@ def ablate(args: argparse.Namespace) -> None:
 
 
 def export(args: argparse.Namespace) -> None:
-    from pathlib import Path
 
     from dforce.data.latents import LatentSpace
     from dforce.diffusion.recipe import SamplingRecipe

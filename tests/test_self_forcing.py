@@ -123,7 +123,7 @@ def test_training_rollout_is_the_inference_rollout(tmp_path, teacher):
     _, config = student_config(tmp_path, teacher)
     model, noise = load_model(teacher[0])
     schedule = noise.build()
-    core = SelfForcing(dataclasses.replace(config, noise=noise), schedule, model)
+    core = SelfForcing(dataclasses.replace(config, noise=noise), schedule, model, model)
     video = torch.rand(2, 4, 3, 16, 16) * 2 - 1
     steps = config.self_forcing.steps
     plan = Plan(window_start=2, exit_rows=[steps - 1] * 5)  # every block runs all its steps
@@ -146,7 +146,7 @@ def test_training_rollout_is_the_inference_rollout(tmp_path, teacher):
 def test_only_exit_steps_in_the_window_carry_gradient(tmp_path, teacher):
     _, config = student_config(tmp_path, teacher)
     model, noise = load_model(teacher[0])
-    core = SelfForcing(dataclasses.replace(config, noise=noise), noise.build(), model)
+    core = SelfForcing(dataclasses.replace(config, noise=noise), noise.build(), model, model)
     calls = []
     model.register_forward_hook(
         lambda module, args, kwargs, out: calls.append(out.requires_grad), with_kwargs=True
@@ -165,7 +165,7 @@ def test_training_rollout_with_a_sink_is_the_inference_rollout(tmp_path, teacher
     """Past the horizon with the rolling cache and a permanent first frame, as long inference runs."""
     _, config = student_config(tmp_path, teacher, "self_forcing.sink=1", "self_forcing.rollout_frames=12")
     model, noise = load_model(teacher[0])
-    core = SelfForcing(dataclasses.replace(config, noise=noise), noise.build(), model)
+    core = SelfForcing(dataclasses.replace(config, noise=noise), noise.build(), model, model)
     video = torch.rand(1, 4, 3, 16, 16) * 2 - 1
     plan = Plan(window_start=8, exit_rows=[2] * 11)
     with torch.no_grad():
@@ -187,7 +187,7 @@ def test_ode_pairs_lie_on_the_teachers_path(tmp_path, teacher, guidance):
     _, config = student_config(tmp_path, teacher, *overrides)
     model, noise = load_model(teacher[0])
     schedule = noise.build()
-    core = SelfForcing(dataclasses.replace(config, noise=noise), schedule, model)
+    core = SelfForcing(dataclasses.replace(config, noise=noise), schedule, model, model)
     video = torch.rand(2, 4, 3, 16, 16) * 2 - 1
     with torch.no_grad():
         clip, states, levels = ode_pairs(core, model, {"video": video}, seed=1)
@@ -240,7 +240,7 @@ def test_distribution_matching_moves_a_gaussian_generator_to_the_data(tmp_path, 
     schedule = NoiseSchedule.from_name("cosine", 50)
     config = dataclasses.replace(config, noise=dataclasses.replace(noise, parameterization="x0"))
     config.self_forcing.min_level, config.self_forcing.max_level = 2, 48
-    core = SelfForcing(config, schedule, model)
+    core = SelfForcing(config, schedule, model, model)
     data_teacher = GaussianPosterior(schedule, 2.0, math.log(0.25), learn=False)
     critic = GaussianPosterior(schedule, 0.0, 0.0, learn=True)
     shift = nn.Parameter(torch.tensor(0.0))
@@ -294,7 +294,7 @@ def test_a_generator_records_the_step_grid_it_was_trained_on(tmp_path, teacher, 
     recipe = SamplingRecipe.load(model)
     assert recipe == SamplingRecipe(steps=3, shift=2.0, sink=1, context_noise=2, scheduling="autoregressive")
     net, noise = load_model(model)
-    core = SelfForcing(config, noise.build(), net)
+    core = SelfForcing(config, noise.build(), net, net)
     matrix, window = chunk_schedule(net, noise.levels, **recipe.schedule_kwargs())
     assert torch.equal(matrix, core.matrix) and window == core.window  # the training rollout's grid
     main(["sample", "--model", str(model), "--frames", "2", "--out", str(tmp_path / "v.mp4")])
@@ -419,19 +419,25 @@ def test_the_critic_schedule_counts_critic_updates(tmp_path, teacher, monkeypatc
     assert [c / 1e-3 for _, c in rates] == pytest.approx([0.75, 0.5, 0.25, 0.0])
 
 
-def test_every_frame_of_a_block_carries_dmd_and_critic_loss(tmp_path, teacher):
-    """A teacher of blocks of 2 frames: the staircase and the teacher layout per block, so the DMD state
-    and the critic's loss weight every frame of every block, each block at one level."""
+@pytest.mark.parametrize("weighting", ["teacher", "sync"])
+def test_every_frame_of_a_block_carries_dmd_and_critic_loss(tmp_path, teacher, weighting):
+    """A teacher of blocks of 2 frames: the staircase and the teacher layout per block (`teacher`), or one
+    level per clip (`sync`, the default), so the DMD state and the critic's loss weight every frame of
+    every block, each block at one level."""
     overrides = ["self_forcing.context_frames=2", "self_forcing.rollout_frames=6"]
-    _, config = student_config(tmp_path, teacher, *overrides)
+    _, config = student_config(tmp_path, teacher, *overrides, f"self_forcing.weighting={weighting}")
     net = CausalVideoTransformer(
         sample_size=16, patch_size=4, num_frames=4, frames_per_block=2, num_layers=1,
         num_attention_heads=2, attention_head_dim=8,
     )  # fmt: skip
     schedule = NoiseSchedule.from_name("cosine", 50)
-    core = SelfForcing(config, schedule, net)
-    assert core.loss.teacher_layout and core.loss.weighting.block == 2
+    core = SelfForcing(config, schedule, net, net)
+    assert core.loss.weighting.block == 2
     state = core.loss.draw(torch.rand(3, 4, 3, 16, 16) * 2 - 1, seed=0)
     assert (state.weights > 0).all()
     assert torch.equal(state.levels[:, ::2], state.levels[:, 1::2])
-    assert state.inputs["context"] is not None  # clean earlier blocks seen through the teacher layout
+    if weighting == "teacher":
+        assert core.loss.teacher_layout
+        assert state.inputs["context"] is not None  # clean earlier blocks seen through the teacher layout
+    else:
+        assert (state.levels == state.levels[:, :1]).all()

@@ -281,7 +281,7 @@ def test_self_forcing_passes_each_clips_text(text_model, text_data, tmp_path):
     (tmp_path / "sf.yaml").write_text(student)
     config = load_config(tmp_path / "sf.yaml")
     model, noise = load_model(text_model)
-    core = SelfForcing(config, noise.build(), model)
+    core = SelfForcing(config, noise.build(), model, model)
     data = DataConfig(shards=str(text_data[1] / "*.tar"), clip_frames=4, num_workers=0, text_length=8)
     batch = next(iter(make_loader(data, batch_size=2)))
     batch["video"] = batch["video"].float()
@@ -297,9 +297,8 @@ def test_self_forcing_passes_each_clips_text(text_model, text_data, tmp_path):
     assert [m.any().item() for m in seen] == [True, False, True]  # teacher, teacher unconditional, critic
     assert torch.equal(seen[0], mask) and torch.equal(seen[2], mask)
     with pytest.raises(ConfigError, match=r"self_forcing\.text_guidance: the teacher reads no text"):
-        SelfForcing(
-            config, noise.build(), CausalVideoTransformer.from_config({**model.config, "text_dim": None})
-        )
+        textless = CausalVideoTransformer.from_config({**model.config, "text_dim": None})
+        SelfForcing(config, noise.build(), textless, textless)
     assert (train(config) / "config.json").is_file()
 
 

@@ -56,6 +56,23 @@ class Text:
         """The null text of every clip: the unconditional branch of text guidance."""
         return self.dropped(torch.ones(len(self.mask), dtype=torch.bool))
 
+    def unconditional(self, negative: Text | None = None) -> Text:
+        """The unconditional branch of text guidance for every clip: the null text, or a negative prompt
+        (one prompt [1, L', D], as `dforce encode-text --prompt` writes it) cut or padded to this text's
+        length L."""
+        if negative is None:
+            return self.null()
+        batch, length = self.mask.shape
+        if negative.states.shape[0] != 1 or negative.states.shape[2] != self.states.shape[2]:
+            raise ValueError(
+                f"a negative prompt must be [1, L, {self.states.shape[2]}], got {list(negative.states.shape)}"
+            )
+        states, mask = negative.states[:, :length], negative.mask[:, :length]
+        pad = length - states.shape[1]
+        states = torch.nn.functional.pad(states, (0, 0, 0, pad)).to(self.states)
+        mask = torch.nn.functional.pad(mask, (0, pad)).to(self.mask)
+        return Text(states.expand(batch, -1, -1), mask.expand(batch, -1))
+
     def to(self, device: torch.device | str) -> Text:
         return Text(self.states.to(device), self.mask.to(device))
 

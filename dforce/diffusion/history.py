@@ -40,7 +40,8 @@ class History:
       history guidance w: the unconditional branch sees every committed frame at level K (pure noise);
       label/action guidance g: the unconditional branch has label `num_classes` ("no label") and zero
       actions (the model has no null action embedding, so zero is what "no action" means);
-      text guidance s: the unconditional branch has the null text (no tokens, `Text.null`);
+      text guidance s: the unconditional branch has the null text (no tokens, `Text.null`), or the
+      `negative` prompt (`Text.unconditional`);
     pred = c + (g - 1)(c - u_label) + (s - 1)(c - u_text) + (w - 1)(c - u_history), each term applied only
     when its scale != 1.
 
@@ -61,6 +62,7 @@ class History:
         history_guidance: float = 1.0,
         text: Text | None = None,
         text_guidance: float = 1.0,
+        negative: Text | None = None,
         context_noise: int = 0,
         use_cache: bool = True,
         sink: int = 0,
@@ -92,7 +94,9 @@ class History:
         self.text = (
             None
             if text is None
-            else Text.cat([text.null() if name == "text" else text for name in branches]).to(device)
+            else Text.cat([text.unconditional(negative) if name == "text" else text for name in branches]).to(
+                device
+            )
         )  # [branches * B, L, D], [branches * B, L]
         self.cache = model.new_cache(window, sink) if use_cache else None
         self.frames: Tensor | None = None  # without a cache: [branches * B, <= window, C, H, W] as fed

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from dforce.data.text import Text
 from dforce.diffusion.noise import NoiseSchedule
+from dforce.diffusion.scheduling import time_shift
 from dforce.diffusion.trajectory import Teacher, Weighting
 
 
@@ -46,8 +47,9 @@ class DenoisingLoss:
     `context_noise` (teacher layout only) puts each context frame at a level drawn from 0..context_noise:
     the model learns to read a slightly noised history, which a rollout's `context_noise` then gives it
     in place of its own imperfect frames (noise augmentation against drift). The other weightings need
-    no such option: their states already hold noised history. `level_range` clamps the levels of the
-    frames that carry loss (self-forcing's distribution matching skips the extremes, as DMD does).
+    no such option: their states already hold noised history. `level_shift` warps the levels of the
+    frames that carry loss by `time_shift` and `level_range` then clamps them (self-forcing's distribution
+    matching: Self-Forcing shifts its levels by 5 and skips the extremes, as DMD does).
     """
 
     def __init__(
@@ -63,6 +65,7 @@ class DenoisingLoss:
         context_noise: int = 0,
         level_range: tuple[int, int] | None = None,
         drop_text: float = 0.0,
+        level_shift: float = 1.0,
     ) -> None:
         self.schedule, self.parameterization, self.weighting = schedule, parameterization, weighting
         self.level_weight, self.level_weight_options = level_weight, dict(level_weight_options or {})
@@ -79,6 +82,9 @@ class DenoisingLoss:
         if level_range is not None and not 0 < level_range[0] <= level_range[1] <= schedule.levels:
             raise ValueError(f"level_range must be 0 < low <= high <= {schedule.levels}, got {level_range}")
         self.level_range = level_range
+        if level_shift <= 0:
+            raise ValueError(f"level_shift must be > 0, got {level_shift}")
+        self.level_shift = level_shift
         one = torch.ones(1, 1, dtype=torch.long)
         schedule.loss_weight(level_weight, one, parameterization, **self.level_weight_options)  # checks names
 
@@ -118,6 +124,9 @@ class DenoisingLoss:
             context_levels = context_levels.repeat_interleave(block, 1)  # [B, T]
         else:
             levels, weights = self.weighting.sample(batch, cpu)  # [B, T] each
+        if self.level_shift != 1:
+            shifted = time_shift(levels / schedule.levels, self.level_shift) * schedule.levels
+            levels = torch.where(weights > 0, shifted.round().long().clamp(min=1), levels)
         if self.level_range is not None:
             levels = torch.where(weights > 0, levels.clamp(*self.level_range), levels)
         dropped = torch.rand(batch, generator=cpu) < self.drop_history  # [B]

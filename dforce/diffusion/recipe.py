@@ -28,9 +28,9 @@ FLAGS = {"scheduling": "--schedule"}  # the commands' flag of a field, where it 
 class SamplingRecipe:
     """Everything `dforce.diffusion.rollout.rollout` takes that says how a model samples."""
 
-    sampler: str = "ddim"  # ddim | ddpm | euler (`dforce.diffusion.sampler.SAMPLERS`)
+    sampler: str = "ddim"  # ddim | ddpm | euler | renoise (`dforce.diffusion.sampler.SAMPLERS`)
     eta: float = 0.0  # ddim's stochasticity, 0 (deterministic) .. 1
-    steps: int = 10  # denoising steps per frame
+    steps: int | list[int] = 10  # denoising steps per frame, or the levels each starts from (`step_grid`)
     shift: float | None = None  # timestep shift of the steps (`scheduling_matrix`); None: none (1)
     scheduling: str = "autoregressive"  # a named schedule (`dforce sample` also takes a .json matrix)
     block: int | None = None  # frames denoised together (autoregressive, pyramid); None: one model block
@@ -46,13 +46,13 @@ class SamplingRecipe:
 
     def __post_init__(self) -> None:  # "field: problem"
         from dforce.diffusion.sampler import Sampler
-        from dforce.diffusion.scheduling import SCHEDULING_OPTIONS
+        from dforce.diffusion.scheduling import SCHEDULING_OPTIONS, step_count
 
         try:
             Sampler(self.sampler, self.eta)
         except ValueError as error:
             raise ValueError(f"sampler: {error}") from None
-        if self.steps < 1:
+        if step_count(self.steps) < 1:
             raise ValueError(f"steps: must be >= 1, got {self.steps}")
         if self.scheduling not in SCHEDULING_OPTIONS and not self.scheduling.endswith(".json"):
             names = ", ".join(SCHEDULING_OPTIONS)
@@ -116,7 +116,8 @@ class SamplingRecipe:
     def describe(self) -> str:
         """The recipe in a few words, e.g. `ddim, 10 steps, autoregressive, history guidance 1.25`:
         sampler, steps and schedule always, the rest where it differs from the defaults."""
-        parts = [self.sampler + (f" eta {self.eta:g}" if self.eta else ""), f"{self.steps} steps"]
+        steps = f"{self.steps} steps" if isinstance(self.steps, int) else f"steps {self.steps}"
+        parts = [self.sampler + (f" eta {self.eta:g}" if self.eta else ""), steps]
         if self.shift is not None:
             parts.append(f"shift {self.shift:g}")
         options = [f"{key} {getattr(self, key)}" for key in SCHEDULE_OWN if getattr(self, key) is not None]

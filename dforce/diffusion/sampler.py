@@ -8,6 +8,8 @@ whose level does not change comes back bitwise unchanged, so clean context stays
     ddim   x_j = alpha_j x0 + sqrt(sigma_j^2 - c^2) eps + c z,  c = eta * std   (Song et al. 2021)
     ddpm   x_j ~ q(x_j | x_k, x0), the Gaussian posterior             (Ho et al. 2020; ddim with eta = 1)
     euler  x_j = x_k + (t_j - t_k)(eps - x0), rectified flow, t = sigma   (ddim on a flow schedule)
+    renoise  x_j = alpha_j x0 + sigma_j z, the x0 estimate noised afresh  (a few-step generator's step:
+             Self-Forcing's and CausVid's, consistency models' multistep sampling)
 
 with std^2 = sigma_j^2 sigma_kj^2 / sigma_k^2 the posterior variance, sigma_kj^2 = sigma_k^2 -
 (alpha_k / alpha_j)^2 sigma_j^2 the variance of x_k given x_j; all of it holds for any alpha, sigma.
@@ -104,7 +106,24 @@ def euler_step(
     return torch.where(moving, x + (s_j - s_k).to(x.dtype) * (eps - x0), x)
 
 
-SAMPLERS = {"ddim": ddim_step, "ddpm": ddpm_step, "euler": euler_step}
+def renoise_step(
+    schedule: NoiseSchedule,
+    x: Tensor,
+    x0: Tensor,
+    eps: Tensor,
+    levels: Tensor,
+    next_levels: Tensor,
+    noise: Tensor | None = None,
+) -> Tensor:
+    """The clean estimate noised to the next level with fresh `noise` (required), keeping nothing of x or
+    eps: how Self-Forcing's and CausVid's generators step between their few levels."""
+    if noise is None:
+        raise ValueError("renoise_step needs noise")
+    moving, _, _, a_j, s_j = _coefficients(schedule, levels, next_levels, x.ndim)
+    return torch.where(moving, a_j.to(x.dtype) * x0 + s_j.to(x.dtype) * noise, x)
+
+
+SAMPLERS = {"ddim": ddim_step, "ddpm": ddpm_step, "euler": euler_step, "renoise": renoise_step}
 
 
 def is_flow(schedule: NoiseSchedule) -> bool:
@@ -115,7 +134,7 @@ def is_flow(schedule: NoiseSchedule) -> bool:
 @dataclass(frozen=True)
 class Sampler:
     """A step function by name, drawing the noise it needs from a generator: `ddim` (with `eta`),
-    `ddpm` or `euler`."""
+    `ddpm`, `euler` or `renoise`."""
 
     name: str = "ddim"
     eta: float = 0.0
@@ -130,7 +149,7 @@ class Sampler:
 
     @property
     def stochastic(self) -> bool:
-        return self.name == "ddpm" or self.eta > 0
+        return self.name in ("ddpm", "renoise") or self.eta > 0
 
     def check(self, schedule: NoiseSchedule) -> None:
         if self.name == "euler" and not is_flow(schedule):

@@ -9,6 +9,7 @@ trains on them.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -23,11 +24,50 @@ SCHEDULING_OPTIONS = {
 }
 
 
+Steps = int | Sequence[int]  # a number of evenly spaced steps, or the levels each step starts from
+
+
+def time_shift(t: Tensor, shift: float) -> Tensor:
+    """SD3's timestep shift t -> shift * t / (1 + (shift - 1) * t) of t in [0, 1]: above 1 it moves levels
+    towards noise (sampling grids here, self-forcing's distribution-matching levels in the loss)."""
+    return shift * t / (1 + (shift - 1) * t)
+
+
+def step_count(steps: Steps) -> int:
+    """How many denoising steps `steps` (a count or a list of levels) takes."""
+    return steps if isinstance(steps, int) else len(steps)
+
+
+def step_grid(steps: Steps, levels: int, shift: float = 1.0) -> Tensor:
+    """The levels a frame passes through, `levels` ... 0, LongTensor [S+1]: `steps` evenly spaced steps,
+    or the explicit list of levels each step starts from (Self-Forcing's [1000, 750, 500, 250] of 1000
+    levels, first = `levels`, descending), then `time_shift`ed; ValueError where two steps meet."""
+    if shift <= 0:
+        raise ValueError(f"shift must be > 0, got {shift}")
+    if isinstance(steps, int):
+        if not 1 <= steps <= levels:
+            raise ValueError(f"steps must be in 1..levels={levels}, got {steps}")
+        t = torch.linspace(1, 0, steps + 1, dtype=torch.float64)
+    else:
+        listed = [int(level) for level in steps]
+        if not listed or listed[0] != levels or any(b >= a for a, b in itertools.pairwise(listed)):
+            raise ValueError(
+                f"a list of steps must start at {levels} and descend, ending above 0: got {listed}"
+            )
+        if listed[-1] < 1:
+            raise ValueError(f"a list of steps must end above 0 (0 is where the last step lands): {listed}")
+        t = torch.tensor([*listed, 0], dtype=torch.float64) / levels
+    grid = (time_shift(t, shift) * levels).round().long()
+    if (grid[1:] == grid[:-1]).any():
+        raise ValueError(f"shift={shift} puts two of the {len(grid) - 1} steps on one level; use fewer steps")
+    return grid
+
+
 def scheduling_matrix(
     name: str | Sequence[Sequence[int]] | Tensor,
     frames: int,
     levels: int,
-    steps: int,
+    steps: Steps,
     **options,
 ) -> Tensor:
     """Rows are states from all-`levels` to all-0, each elementwise <= the one before: [S+1, frames].
@@ -43,27 +83,20 @@ def scheduling_matrix(
         if options:
             raise ValueError(f"a custom scheduling matrix takes no options, got {sorted(options)}")
         return check_scheduling_matrix(name, frames, levels)
-    if not 1 <= steps <= levels:
-        raise ValueError(f"steps must be in 1..levels={levels}, got {steps}")
     if name not in SCHEDULING_OPTIONS:
         raise ValueError(
             f"unknown schedule '{name}'; choose from {', '.join(SCHEDULING_OPTIONS)} or give a matrix"
         )
     if unknown := set(options) - set(SCHEDULING_OPTIONS[name]):
         raise ValueError(f"schedule '{name}' got unknown options {sorted(unknown)}")
+    grid = step_grid(steps, levels, options.get("shift", 1.0))  # [steps+1]
+    steps = len(grid) - 1
     block = options.get("block", 1)
     offset = {"autoregressive": steps, "teacher": steps, "sync": 0}.get(name, options.get("offset", 1))
     if block < 1 or not 0 <= offset <= steps:
         raise ValueError(
             f"need block >= 1 and 0 <= offset <= steps={steps}, got block={block}, offset={offset}"
         )
-    shift = options.get("shift", 1.0)
-    if shift <= 0:
-        raise ValueError(f"shift must be > 0, got {shift}")
-    t = torch.linspace(1, 0, steps + 1, dtype=torch.float64)
-    grid = (shift * t / (1 + (shift - 1) * t) * levels).round().long()  # [steps+1]
-    if (grid[1:] == grid[:-1]).any():
-        raise ValueError(f"shift={shift} puts two of the {steps} steps on one level; use fewer steps")
     blocks = torch.arange(frames) // block  # [n] block of each frame
     rows = steps + int(blocks[-1]) * offset
     progress = torch.arange(rows + 1)[:, None] - blocks[None, :] * offset  # [S+1, n]

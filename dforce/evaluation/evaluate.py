@@ -39,6 +39,7 @@ from dforce.diffusion.likelihood import NLL, elbo, ode_nll
 from dforce.diffusion.noise import NoiseConfig
 from dforce.diffusion.recipe import SamplingRecipe
 from dforce.diffusion.rollout import chunk_schedule, rollout, truncate
+from dforce.diffusion.scheduling import step_count
 from dforce.diffusion.trajectory import get_weighting
 from dforce.evaluation.metrics import ball_speed, find_balls, frame_metrics, position_errors
 from dforce.evaluation.plots import plot_curves
@@ -272,7 +273,7 @@ def rollout_path(model: Backbone, levels: int, settings: EvalSettings) -> Tensor
     LongTensor [S+1, horizon] (its chunks one after another, each from all-K to all-0)."""
     options = {"block": settings.block} if settings.block is not None else {}
     if settings.scheduling == "pyramid":  # the offset in levels: `offset` steps of levels / steps each
-        options["offset"] = round((settings.offset or 1) * levels / settings.steps)
+        options["offset"] = round((settings.offset or 1) * levels / step_count(settings.steps))
     matrix, _ = chunk_schedule(model, levels, settings.scheduling, levels, settings.chunk, **options)
     horizon, width = model.horizon, matrix.shape[1]
     rows = []

@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import peft
 import torch
@@ -147,11 +148,13 @@ def merge_lora(model: nn.Module) -> nn.Module:
     return model
 
 
-def share_base(model: nn.Module) -> nn.Module:
+def share_base(model: nn.Module, **config: Any) -> nn.Module:
     """A second module tree over the very same (frozen) weight tensors: one copy of the weights in memory
     for several models that each carry their own adapter (self-forcing's generator and critic over the
-    teacher). Each tree is prepared, wrapped and checkpointed on its own, as a copy would be."""
+    teacher). Each tree is prepared, wrapped and checkpointed on its own, as a copy would be. `config`
+    overrides entries of the model's config that leave its weights' shapes alone (`frames_per_block`: a
+    causal generator over a bidirectional teacher's weights)."""
     with init_empty_weights():
-        twin = type(model).from_config(model.config)
+        twin = type(model).from_config({**model.config, **config})
     twin.load_state_dict(model.state_dict(keep_vars=True), assign=True)  # the same Parameter objects
     return twin.requires_grad_(False)

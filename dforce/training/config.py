@@ -25,7 +25,7 @@ from diffusers.optimization import SchedulerType, get_scheduler
 from dforce.data.clips import DataConfig
 from dforce.diffusion.noise import NoiseConfig
 from dforce.diffusion.recipe import SamplingRecipe
-from dforce.diffusion.scheduling import scheduling_matrix
+from dforce.diffusion.scheduling import scheduling_matrix, step_grid
 from dforce.diffusion.trajectory import get_weighting
 from dforce.models.backbone import BUILDERS
 from dforce.models.lora import LoraConfig
@@ -132,12 +132,23 @@ class ValidationConfig:
 class SelfForcingConfig:
     """`objective: self_forcing`: a few-step generator trained on its own rollouts (`dforce.self_forcing`)."""
 
-    teacher: str  # a model directory written by `dforce train`; also the generator's and critic's start
+    # The frozen teacher: a model directory written by `dforce train` (causal, or attending to its whole
+    # horizon: frames_per_block = num_frames), or a diffusers Wan 2.1 / SkyReels-V2 folder (pipeline root or
+    # its transformer/), taken as the bidirectional full-sequence model it is
+    teacher: str
+    generator: str | None = None  # a dforce model directory the generator starts from; default the teacher
+    critic: str | None = None  # the critic's starting weights, in the teacher's architecture; default its own
+    frames_per_block: int | None = (
+        None  # the generator's blocks; default the teacher's (required if bidirectional)
+    )
+    sample_size: list[int] | None = None  # a diffusers folder's latent [height, width] (its config has none)
     init: str = "teacher"  # teacher | ode (first regress onto the teacher's many-step ODE samples)
     ode_steps: int = 200  # generator updates of the ODE regression
     ode_sampling_steps: int = 40  # the teacher's DDIM steps per frame for its ODE samples
-    steps: int = 4  # the generator's denoising steps per block
-    shift: float = 1.0  # timestep shift of those steps (`scheduling_matrix`)
+    ode_shift: float = 1.0  # timestep shift of those steps (Self-Forcing's ODE pairs: 48 steps, shift 8)
+    steps: int | list[int] = 4  # the generator's steps per block: a count, or the levels each starts from
+    shift: float = 1.0  # timestep shift of those steps and of the distribution-matching levels
+    sampler: str = "ddim"  # the generator's step: ddim (deterministic) | renoise (x0 noised afresh)
     context_frames: int = 1  # real frames the rollouts continue (0: from nothing)
     rollout_frames: int | None = None  # frames rolled out per clip; default the horizon, may exceed it
     sink: int = 0  # first frames kept in the rolling KV cache for good (whole blocks)
@@ -149,18 +160,29 @@ class SelfForcingConfig:
     critic_weight_decay: float | None = None
     critic_max_grad_norm: float | None = None
     exit: str = "per_block"  # per_block: each generated block exits at its own random step | shared: one
-    weighting: str = "teacher"  # the weighting the loss levels are drawn from (teacher: clean history)
+    # the weighting the distribution-matching and critic levels are drawn from, over the teacher's blocks:
+    # sync, one level per clip (Self-Forcing's); teacher, the staircase after a clean history
+    weighting: str = "sync"
     min_level: int = 20  # the distribution-matching levels are clamped to min_level..max_level
     max_level: int = 980
     guidance: float = 1.0  # history guidance of the teacher (needs a teacher trained with drop_history)
     text_guidance: float = 1.0  # text guidance of the teacher (needs a teacher trained with drop_text)
+    negative_prompt: str | None = (
+        None  # its unconditional text: `dforce encode-text --prompt` file; default none
+    )
 
     def __post_init__(self) -> None:
         if self.init not in ("teacher", "ode"):
             raise ValueError(f"init: must be teacher or ode, got {self.init!r}")
         if self.exit not in ("per_block", "shared"):
             raise ValueError(f"exit: must be per_block or shared, got {self.exit!r}")
-        for key in ("steps", "critic_steps", "ode_sampling_steps"):
+        if self.sampler not in ("ddim", "renoise"):
+            raise ValueError(f"sampler: must be ddim or renoise, got {self.sampler!r}")
+        if self.frames_per_block is not None and self.frames_per_block < 1:
+            raise ValueError(f"frames_per_block: must be >= 1, got {self.frames_per_block}")
+        if self.sample_size is not None and len(self.sample_size) != 2:
+            raise ValueError(f"sample_size: [height, width] of a latent frame, got {self.sample_size}")
+        for key in ("critic_steps", "ode_sampling_steps"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key}: must be >= 1, got {getattr(self, key)}")
         if min(self.context_frames, self.sink, self.context_noise, self.ode_steps) < 0:
@@ -209,6 +231,7 @@ class Config:
             recipe = dataclasses.replace(
                 recipe,
                 scheduling="autoregressive",
+                sampler=sf.sampler,
                 steps=sf.steps,
                 shift=sf.shift,
                 sink=sf.sink,
@@ -280,8 +303,9 @@ def check_names(config: Config) -> None:
     if config.self_forcing is not None:
         sf = config.self_forcing
         checks["self_forcing.weighting"] = weighting(sf.weighting)
-        checks["self_forcing.steps"] = lambda: scheduling_matrix(
-            "autoregressive", frames, levels, sf.steps, shift=sf.shift
+        checks["self_forcing.steps"] = lambda: step_grid(sf.steps, levels, sf.shift)
+        checks["self_forcing.ode_sampling_steps"] = lambda: step_grid(
+            sf.ode_sampling_steps, levels, sf.ode_shift
         )
     for key, check in checks.items():
         try:

@@ -30,6 +30,7 @@ from dforce.diffusion.loss import DenoisingLoss
 from dforce.diffusion.noise import NoiseSchedule
 from dforce.diffusion.rollout import chunk_schedule, generate
 from dforce.diffusion.sampler import Sampler
+from dforce.diffusion.scheduling import step_count
 from dforce.diffusion.trajectory import get_weighting
 from dforce.models.backbone import Backbone
 from dforce.training.config import Config, ConfigError, SelfForcingConfig
@@ -58,7 +59,9 @@ def plan_rollout(seed: int, sf: SelfForcingConfig, horizon: int, block: int, tot
     last = (total - horizon) // block
     start = int(torch.randint(first, last + 1, (), generator=generator)) * block
     blocks = -(-(start + horizon - sf.context_frames) // block)
-    rows = torch.randint(0, sf.steps, (1 if sf.exit == "shared" else blocks,), generator=generator)
+    rows = torch.randint(
+        0, step_count(sf.steps), (1 if sf.exit == "shared" else blocks,), generator=generator
+    )
     return Plan(start, rows.expand(blocks).tolist() if sf.exit == "shared" else rows.tolist())
 
 
@@ -66,10 +69,25 @@ class SelfForcing:
     """The rollout and the losses of self-forcing, apart from the loop: pure functions of the models and
     seeds. `generator`, `critic` and `teacher` may be wrapped by Accelerate."""
 
-    def __init__(self, config: Config, schedule: NoiseSchedule, net: Backbone) -> None:
+    def __init__(
+        self,
+        config: Config,
+        schedule: NoiseSchedule,
+        teacher: Backbone,
+        generator: Backbone,
+        negative: Text | None = None,
+    ) -> None:
+        """`teacher` and `generator` unwrapped (their shapes are read); `negative`: the unconditional text
+        of the teacher's text guidance (default the null text)."""
         self.sf = sf = config.self_forcing
-        self.schedule, self.parameterization = schedule, config.noise.parameterization
-        self.horizon, self.block = net.horizon, net.frames_per_block
+        self.schedule, self.parameterization, self.negative = (
+            schedule,
+            config.noise.parameterization,
+            negative,
+        )
+        self.horizon, self.block = generator.horizon, generator.frames_per_block  # the rollout's blocks
+        self.score_block = teacher.frames_per_block  # the teacher's and the critic's: the loss's blocks
+        self.bidirectional = self.score_block == self.horizon
         if sf.context_frames % self.block or sf.sink % self.block:
             raise ConfigError(f"self_forcing.context_frames and sink must be whole blocks of {self.block}")
         self.total = sf.rollout_frames or self.horizon  # context + generated frames per clip
@@ -78,19 +96,31 @@ class SelfForcing:
                 f"self_forcing.rollout_frames={self.total} must be whole blocks of {self.block}, at least "
                 f"the horizon {self.horizon} and more than context_frames={sf.context_frames}"
             )
-        if sf.text_guidance != 1 and net.text_dim is None:
+        if sf.text_guidance != 1 and teacher.text_dim is None:
             raise ConfigError(
                 "self_forcing.text_guidance: the teacher reads no text (built without text_dim)"
+            )
+        if sf.guidance != 1 and self.bidirectional:
+            raise ConfigError(
+                "self_forcing.guidance: a bidirectional teacher reads no history to guide over; leave it 1"
+            )
+        if sf.init == "ode" and sf.context_frames % self.score_block:
+            raise ConfigError(
+                f"self_forcing.context_frames={sf.context_frames}: the ODE init runs the teacher in its "
+                f"blocks of {self.score_block} frames (a bidirectional teacher: 0 context frames)"
             )
         if config.data.clip_frames != self.horizon:
             raise ConfigError(
                 f"data.clip_frames={config.data.clip_frames} must be the teacher's horizon {self.horizon}"
             )
-        self.sampler = Sampler("ddim")
-        self.matrix, self.window = chunk_schedule(
-            net, schedule.levels, "autoregressive", sf.steps, block=self.block, shift=sf.shift
-        )
-        weighting = get_weighting(sf.weighting, self.horizon, schedule.levels, self.block)
+        self.sampler = Sampler(sf.sampler)
+        try:
+            self.matrix, self.window = chunk_schedule(
+                generator, schedule.levels, "autoregressive", sf.steps, block=self.block, shift=sf.shift
+            )
+        except ValueError as error:
+            raise ConfigError(f"self_forcing.steps: {error}") from None
+        weighting = get_weighting(sf.weighting, self.horizon, schedule.levels, self.score_block)
         self.loss = DenoisingLoss(
             schedule,
             self.parameterization,
@@ -99,17 +129,25 @@ class SelfForcing:
             level_weight_options=config.loss.level_weight_options,
             teacher_layout=config.loss.teacher_layout,
             level_range=(sf.min_level, sf.max_level),
+            level_shift=sf.shift,
         )
 
-    def history(self, model: nn.Module, batch: dict, guided: bool = False) -> History:
+    def history(
+        self, model: nn.Module, batch: dict, guided: bool = False, window: int | None = None
+    ) -> History:
         """A rollout's history for the batch's clips: their labels, actions and text; `guided`: with the
-        teacher's guidance over the history and the text, as `distribution_matching` queries it."""
-        guidance = {"history_guidance": self.sf.guidance, "text_guidance": self.sf.text_guidance}
+        teacher's guidance over the history and the text (against the negative prompt), as
+        `distribution_matching` queries it; `window`: frames seen beside those fed (default the rollout's)."""
+        guidance = {
+            "history_guidance": self.sf.guidance,
+            "text_guidance": self.sf.text_guidance,
+            "negative": self.negative,
+        }
         return History(
             model,
             self.schedule,
             self.parameterization,
-            self.window,
+            self.window if window is None else window,
             labels=batch.get("label"),
             actions=batch.get("actions"),
             text=Text.of(batch),
@@ -167,7 +205,7 @@ class SelfForcing:
                     clip.detach(), seed, labels, actions, drop_history=True, text=text
                 ).inputs
             if "text" in branches:
-                inputs["text"] = {**state.inputs, **text.null().kwargs()}
+                inputs["text"] = {**state.inputs, **text.unconditional(self.negative).kwargs()}
             teacher_pred = sum(
                 weight * teacher(**inputs[branch]).float()
                 for branch, weight in zip(branches, weights, strict=True)
@@ -176,8 +214,11 @@ class SelfForcing:
             x0_fake = self.schedule.to_x0_eps(
                 critic(**state.inputs).float(), x_t.float(), levels, self.parameterization
             )[0]
-            scale = (clip.detach().float() - x0_real).abs().mean(dim=(2, 3, 4), keepdim=True).clamp(min=1e-6)
-            grad = (x0_fake - x0_real) / scale  # [B, T, C, H, W]
+            # DMD's normaliser, the mean |x - x0_teacher| over each of the teacher's blocks (one level each):
+            # over the whole clip for a bidirectional teacher, as Self-Forcing normalises.
+            distance = (clip.detach().float() - x0_real).abs().unflatten(1, (-1, self.score_block))
+            scale = distance.mean(dim=(2, 3, 4, 5)).repeat_interleave(self.score_block, 1).clamp(min=1e-6)
+            grad = (x0_fake - x0_real) / scale[..., None, None, None]  # [B, T, C, H, W]
             weights = state.weights.clone()
             weights[:, :real] = 0  # data frames are not the generator's
         target = (clip.float() - grad).detach()

@@ -1,6 +1,9 @@
 """Self-forcing's ODE initialisation: the generator first regresses onto the teacher's many-step
 deterministic (DDIM) samples, from the states of the teacher's ODE path at the generator's levels. The
-teacher is queried as the distribution-matching stage queries it: with its history and text guidance."""
+teacher is queried as the distribution-matching stage queries it: with its history and text guidance
+(against the negative prompt), in its own blocks (a bidirectional teacher denoises the whole clip at one
+level, as Self-Forcing's ODE pairs come from the bidirectional Wan), on `ode_sampling_steps` steps warped by
+`ode_shift`."""
 
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ from torch import Tensor, nn
 
 from dforce.data.text import Text
 from dforce.diffusion.rollout import denoise_step
+from dforce.diffusion.scheduling import step_grid
 from dforce.training.engine import step_seed
 from dforce.training.objectives.dmd import SelfForcing
 
@@ -19,27 +23,28 @@ def ode_pairs(core: SelfForcing, teacher: nn.Module, batch: dict, seed: int) -> 
     """The teacher's deterministic (DDIM) rollout over the horizon after the batch's context, through the
     generator's levels and `ode_sampling_steps` levels per block: -> the clip [B, T, C, H, W], and the
     states on its ODE path at each of the generator's levels [S, B, T, C, H, W] with those levels [S]."""
-    sf, video = core.sf, batch["video"]
+    sf, video, block = core.sf, batch["video"], core.score_block
     context = video[:, : sf.context_frames]
     coarse = core.matrix[:-1, 0]  # [S] the generator's levels, from K down
-    fine = torch.linspace(core.schedule.levels, 0, sf.ode_sampling_steps + 1).round().long()
+    fine = step_grid(sf.ode_sampling_steps, core.schedule.levels, sf.ode_shift).to(coarse.device)
     path = torch.cat([coarse, fine]).unique().flip(0)  # [P] descending, K ... 0
-    history = core.history(teacher, batch, guided=True)
+    history = core.history(teacher, batch, guided=True, window=core.horizon - block)
     generator = torch.Generator(video.device).manual_seed(seed)
     if len(context[0]):
         history.commit(context, generator)
     states = torch.zeros(len(coarse), *video[:, : core.horizon].shape, device=video.device, dtype=video.dtype)
     states[:, :, : sf.context_frames] = context
     clip = [context]
-    for start in range(sf.context_frames, core.horizon, core.block):
-        x = torch.randn(video[:, start : start + core.block].shape, generator=generator, device=video.device)
+    for start in range(sf.context_frames, core.horizon, block):
+        x = torch.randn(video[:, start : start + block].shape, generator=generator, device=video.device)
         for level, next_level in itertools.pairwise(path.tolist()):
             at = (coarse == level).nonzero()
             if len(at):
-                states[int(at[0]), :, start : start + core.block] = x
+                states[int(at[0]), :, start : start + block] = x
             levels = torch.full(x.shape[:2], int(level), device=x.device)
             x, _ = denoise_step(history, x, levels, torch.full_like(levels, int(next_level)), core.sampler)
-        history.commit(x, generator)
+        if start + block < core.horizon:
+            history.commit(x, generator)
         clip.append(x)
     return torch.cat(clip, dim=1), states, coarse
 

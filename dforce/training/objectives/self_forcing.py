@@ -19,14 +19,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from dforce.data.latents import LatentSpace
 from dforce.data.text import Text
-from dforce.models.lora import merge_lora, share_base
-from dforce.training.checkpoint import load_model
+from dforce.models.backbone import Backbone
 from dforce.training.config import Config, ConfigError, TrainConfig
 from dforce.training.engine import Meter, make_optimizer, optimizer_step, step_seed, trainable
 from dforce.training.objectives.dmd import CRITIC, DMD, PLAN, ROLLOUT, SelfForcing, plan_rollout
 from dforce.training.objectives.ode_init import ode_regression
+from dforce.training.objectives.roles import build_roles
 
 if TYPE_CHECKING:
     from dforce.training.trainer import Trainer
@@ -43,31 +42,16 @@ class SelfForcingObjective:
             raise ConfigError(
                 "model: self-forcing takes the teacher's architecture; remove the model section"
             )
-        teacher_space = LatentSpace.of_model(sf.teacher)
-        if (teacher_space is None) != (trainer.space is None) or (
-            teacher_space is not None and teacher_space.mismatch(trainer.space)
-        ):
-            kinds = [
-                "videos" if s is None else f"latents of {s.vae_class} {s.config_hash[:12]}"
-                for s in (teacher_space, trainer.space)
-            ]
-            raise ConfigError(
-                f"self_forcing.teacher: {sf.teacher} was trained on {kinds[0]}, data.shards hold {kinds[1]}"
-            )
-        teacher, noise = load_model(sf.teacher)
-        teacher = merge_lora(teacher)  # a LoRA-trained teacher as a plain model
-        self.config = config = dataclasses.replace(config, noise=noise)  # exported with the generator
+        roles = build_roles(sf, cfg.lora is not None, config.data.clip_frames, trainer.space)
+        self.config = config = dataclasses.replace(config, noise=roles.noise)  # exported with the generator
         self.trainer, accelerator, device = trainer, trainer.accelerator, trainer.device
-        self.schedule = noise.build().to(device)
-        self.core = SelfForcing(config, self.schedule, teacher)
-
-        teacher.requires_grad_(False)
+        self.schedule = roles.noise.build().to(device)
+        negative = None if sf.negative_prompt is None else load_negative(sf.negative_prompt, roles.teacher)
+        self.core = SelfForcing(config, self.schedule, roles.teacher, roles.generator, negative)
+        teacher = roles.teacher
         teacher.attention_backend = cfg.attention_backend
-        if cfg.lora is None:
-            starts = [merge_lora(load_model(sf.teacher)[0]) for _ in range(2)]
-        else:
-            torch.manual_seed(config.seed)  # the adapters' first weights, alike on every process
-            starts = [share_base(teacher) for _ in range(2)]
+        torch.manual_seed(config.seed)  # the adapters' first weights, alike on every process
+        starts = roles.generator, roles.critic
         generator, critic = (trainable(net.train(), cfg, device) for net in starts)
         self.ode_steps = sf.ode_steps if sf.init == "ode" else 0  # the ODE regression comes first
         self.steps = cfg.max_steps + self.ode_steps
@@ -175,3 +159,19 @@ def critic_train_config(config: Config) -> TrainConfig:
         "max_grad_norm": sf.critic_max_grad_norm,
     }
     return dataclasses.replace(cfg, **{key: value for key, value in given.items() if value is not None})
+
+
+def load_negative(path: str, teacher: Backbone) -> Text:
+    """The negative prompt's embeddings (`dforce encode-text --prompt`), for the teacher's text guidance."""
+    if teacher.text_dim is None:
+        raise ConfigError("self_forcing.negative_prompt: the teacher reads no text (built without text_dim)")
+    try:
+        text = Text.load(path)
+    except ValueError as error:
+        raise ConfigError(f"self_forcing.negative_prompt: {error}") from None
+    if text.states.shape[0] != 1 or text.states.shape[2] != teacher.text_dim:
+        raise ConfigError(
+            f"self_forcing.negative_prompt: {path} holds {list(text.states.shape)}; one prompt of the "
+            f"teacher's width: [1, L, {teacher.text_dim}]"
+        )
+    return text
