@@ -303,9 +303,12 @@ def check_names(config: Config) -> None:
     if config.self_forcing is not None:
         sf = config.self_forcing
         checks["self_forcing.weighting"] = weighting(sf.weighting)
-        checks["self_forcing.steps"] = lambda: step_grid(sf.steps, levels, sf.shift)
+        # the teacher's levels where its noise.json says (a diffusers folder: Wan's 1000, the default)
+        saved = Path(sf.teacher) / NoiseConfig.FILE
+        sf_levels = NoiseConfig.load(sf.teacher).levels if saved.is_file() else levels
+        checks["self_forcing.steps"] = lambda: step_grid(sf.steps, sf_levels, sf.shift)
         checks["self_forcing.ode_sampling_steps"] = lambda: step_grid(
-            sf.ode_sampling_steps, levels, sf.ode_shift
+            sf.ode_sampling_steps, sf_levels, sf.ode_shift
         )
     for key, check in checks.items():
         try:

@@ -75,6 +75,11 @@ def load_teacher(
                 f"self_forcing.teacher: {path} was trained on {kinds[0]}, data.shards hold {kinds[1]}"
             )
         teacher, noise = load_model(path)
+        if sf.sample_size is not None and list(sf.sample_size) != list(teacher.frame_shape[1:]):
+            raise ConfigError(
+                f"self_forcing.sample_size: {sf.sample_size}, but the teacher {path} reads frames of "
+                f"{list(teacher.frame_shape[1:])}"
+            )
         return merge_lora(teacher), noise  # a LoRA-trained teacher as a plain model
     folder = diffusers_transformer(path)
     if folder is None:
@@ -83,9 +88,9 @@ def load_teacher(
             f"diffusers transformer of class {' or '.join(TRANSFORMERS)} (in config.json or "
             "transformer/config.json)"
         )
-    if space is None:
-        raise ConfigError(f"self_forcing.teacher: {path} is a latent video model; data.shards hold videos")
-    vae = folder.parent / "vae" / "config.json"
+    vae = folder.parent / "vae" / "config.json"  # a pipeline's VAE: its latents are the data's
+    if vae.is_file() and space is None:
+        raise ConfigError(f"data.shards: videos; the teacher {path} reads latents of {vae.parent}")
     if vae.is_file() and hash_config(json.loads(vae.read_text())) != space.config_hash:
         raise ConfigError(
             f"data.shards: latents of another VAE ({space.vae_class} from {space.path}) than {vae.parent}'s"
@@ -136,7 +141,10 @@ def build_roles(sf: SelfForcingConfig, lora: bool, horizon: int, space: LatentSp
                 "self_forcing.frames_per_block: the teacher attends to its whole horizon; give the causal "
                 "generator's blocks (Self-Forcing: 3 latent frames)"
             )
-        generator = copy_of(teacher, lora, frames_per_block=block)
+        try:
+            generator = copy_of(teacher, lora, frames_per_block=block)
+        except ValueError as error:  # blocks that do not divide the horizon
+            raise ConfigError(f"self_forcing.frames_per_block: {error}") from None
     if generator.horizon != teacher.horizon or generator.frame_shape != teacher.frame_shape:
         raise ConfigError(
             f"self_forcing.generator: frames {generator.frame_shape} over {generator.horizon}, the teacher's "
