@@ -346,18 +346,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = subcommands.add_parser(
         "export",
-        help="a standalone model directory from a run, LoRA adapters merged if asked",
-        description="Writes the model of RUN_OR_MODEL_DIR (a run's output_dir, whose model/ it reads, or a "
-        "model directory) to --out, a new directory that `dforce sample`, `dforce eval` and "
-        "self_forcing.teacher read. A LoRA run's adapters stay beside the base weights in diffusers' "
-        "pytorch_lora_weights.safetensors (which load_lora_weights reads), or with --merge-lora are added "
-        "into the weights: a plain diffusers model that loads without peft.",
+        help="a standalone model directory from a run or a released causal Wan checkpoint",
+        description="Writes the model of SOURCE (a run's output_dir, whose model/ it reads, or a model "
+        "directory) to --out, a new directory that `dforce sample`, `dforce eval` and "
+        "self_forcing.teacher/generator read. A LoRA run's adapters stay beside the base weights in "
+        "diffusers' pytorch_lora_weights.safetensors (which load_lora_weights reads), or with --merge-lora "
+        "are added into the weights: a plain diffusers model that loads without peft. SOURCE may also be a "
+        "released causal Wan generator (Self-Forcing's self_forcing_dmd.pt or ode_init.pt, CausVid's), read "
+        "as weights only into the config of --base (the Wan 2.1 diffusers folder it was trained from), with "
+        "Self-Forcing's sampling recipe (4 renoise steps 1000/750/500/250, shift 5).",
     )
-    export.add_argument("source", metavar="RUN_OR_MODEL_DIR", help="a run's output_dir or a model directory")
+    export.add_argument(
+        "source", metavar="SOURCE", help="a run's output_dir, a model directory or a .pt file"
+    )
     export.add_argument("--out", required=True, help="the new model directory")
     export.add_argument(
         "--merge-lora", action="store_true", help="add the LoRA adapters into the base weights"
     )
+    released = export.add_argument_group("a released checkpoint (SOURCE a .pt file)")
+    released.add_argument(
+        "--base", default=None, help="its Wan diffusers folder: pipeline root or transformer/"
+    )
+    released.add_argument("--key", default=None, help="its entry (default generator_ema, else generator)")
+    released.add_argument("--num-frames", type=int, default=21, help="latent frames of its horizon")
+    released.add_argument("--frames-per-block", type=int, default=3, help="latent frames per causal block")
+    released.add_argument("--sample-size", default="60x104", help="latent HxW (480x832 pixels: 60x104)")
     export.set_defaults(run=commands.export)
     return parser
 

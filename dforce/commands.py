@@ -142,7 +142,6 @@ def encode_text(args: argparse.Namespace) -> None:
         raise ValueError("give SHARDS (captioned shards to encode) or --prompt TEXT (one prompt), not both")
     if args.prompt is not None:
         text = TextEncoder(args.encoder, device, getattr(torch, args.dtype))([args.prompt], args.text_length)
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         text.save(args.out)
         print(f"wrote the embeddings of {int(text.mask.sum())} tokens to {args.out}")
         return
@@ -366,22 +365,36 @@ def ablate(args: argparse.Namespace) -> None:
 
 
 def export(args: argparse.Namespace) -> None:
-
     from dforce.data.latents import LatentSpace
     from dforce.diffusion.recipe import SamplingRecipe
     from dforce.models.lora import has_lora, merge_lora
     from dforce.training.checkpoint import MODEL, load_model, write_model
 
     source, out = Path(args.source), Path(args.out)
-    if (source / MODEL).is_dir():  # a run directory: its exported model
-        source = source / MODEL
     if out.exists():
         raise ValueError(f"--out {out}: exists; give a new directory")
+    if source.is_file():
+        return export_released(args)
+    if (source / MODEL).is_dir():  # a run directory: its exported model
+        source = source / MODEL
     model, noise = load_model(source)
     adapted = has_lora(model)
     if args.merge_lora:
         model = merge_lora(model)
-    out.parent.mkdir(parents=True, exist_ok=True)
     write_model(model, noise, out, LatentSpace.of_model(source), recipe=SamplingRecipe.load(source))
     what = "LoRA adapters merged into the weights" if args.merge_lora else "LoRA adapters beside the base"
     print(f"wrote {out}" + (f" ({what})" if adapted else ""))
+
+
+def export_released(args: argparse.Namespace) -> None:
+    """`dforce export CHECKPOINT.pt --base WAN`: a released causal Wan generator as a model directory."""
+    from dforce.data.clips import parse_size
+    from dforce.training.checkpoint import import_released
+
+    if args.base is None:
+        raise ValueError(f"{args.source}: a released checkpoint needs --base, the Wan folder of its config")
+    size = parse_size(args.sample_size)
+    settings = {"num_frames": args.num_frames, "frames_per_block": args.frames_per_block}
+    settings["sample_size"] = (size, size) if isinstance(size, int) else size
+    key = import_released(args.source, args.base, Path(args.out), args.key, **settings)
+    print(f"wrote {args.out} from {args.source}" + (f" ({key})" if key else ""))

@@ -18,9 +18,9 @@ from test_wan import diffusers_forward, inputs, text
 from dforce.cli import main
 from dforce.data.text import Text
 from dforce.models.wan import CausalWan
-from dforce.training.checkpoint import load_model
+from dforce.training.checkpoint import WAN_NOISE, load_model
 from dforce.training.config import ConfigError, SelfForcingConfig, load_config
-from dforce.training.objectives.roles import WAN_NOISE, build_roles
+from dforce.training.objectives.roles import build_roles
 from dforce.training.train import train
 
 HORIZON = 6

@@ -83,6 +83,7 @@ class Text:
 
     def save(self, path: str | Path) -> None:
         """A safetensors file of the two tensors, for `dforce sample --prompt-embeds`."""
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
         save_file({STATES: self.states.contiguous().cpu(), MASK: self.mask.contiguous().cpu()}, str(path))
 
     @classmethod

@@ -32,6 +32,11 @@ from dforce.training.ema import ema_weights
 
 CHECKPOINTS = "checkpoints"
 MODEL = "model"
+# Wan's own noise process (its scheduler's flow matching over 1000 timesteps, velocity prediction): what a
+# plain diffusers Wan folder or a released causal Wan generator, which carry no noise.json, are trained with.
+WAN_NOISE = NoiseConfig(schedule="flow", levels=1000, parameterization="flow")
+# Self-Forcing's sampling: 4 steps of its generator, x0 noised afresh between them, warped by shift 5.
+SELF_FORCING_RECIPE = SamplingRecipe(sampler="renoise", steps=[1000, 750, 500, 250], shift=5.0)
 
 
 class TrainingStopped(DforceError, RuntimeError):
@@ -128,6 +133,7 @@ def write_model(
     adapters as `dforce.models.lora` writes them. `state`: the whole weights when `net` does not hold them
     (FSDP's gathered state dict)."""
     partial = directory.with_name(f".tmp-{directory.name}")
+    directory.parent.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(partial, ignore_errors=True)
     if has_lora(net):
         save_lora_model(net, partial, state)
@@ -165,3 +171,18 @@ def load_model(directory: str | Path) -> tuple[Backbone, NoiseConfig]:
     model = BACKBONES[name].from_pretrained(path)
     load_lora(model, path)  # a LoRA run's adapters, beside its base weights
     return model.eval(), NoiseConfig.load(path)
+
+
+def import_released(
+    source: str | Path, base: str | Path, directory: Path, key: str | None = None, **settings: object
+) -> str | None:
+    """A released causal Wan generator (`dforce.models.released`) as a model directory: Wan's noise
+    process, Self-Forcing's sampling recipe and, where the `base` pipeline has a vae/, its latent space;
+    -> the checkpoint entry read."""
+    from dforce.data.vae import load_vae
+    from dforce.models.released import load_released
+
+    model, key = load_released(source, base, key, **settings)
+    space = load_vae(base, "vae")[1] if (Path(base) / "vae").is_dir() else None
+    write_model(model, WAN_NOISE, directory, space, recipe=SELF_FORCING_RECIPE)
+    return key

@@ -25,12 +25,8 @@ from dforce.diffusion.noise import NoiseConfig
 from dforce.models.backbone import Backbone
 from dforce.models.lora import merge_lora, share_base
 from dforce.models.wan import TRANSFORMERS, CausalWan
-from dforce.training.checkpoint import load_model
+from dforce.training.checkpoint import WAN_NOISE, load_model
 from dforce.training.config import ConfigError, SelfForcingConfig
-
-# Wan's own noise process (its scheduler's flow matching over 1000 timesteps, velocity prediction): what a
-# plain diffusers folder, which carries no noise.json, is trained with.
-WAN_NOISE = NoiseConfig(schedule="flow", levels=1000, parameterization="flow")
 
 
 @dataclass
