@@ -78,9 +78,11 @@ def run(block: str) -> None:
 
 @pytest.mark.parametrize("transformer", ["wan", "skyreels"])
 def test_the_readme_toy_workflow_runs_as_written(tmp_path, monkeypatch, transformer):
-    """make-shards with captions, encode-latents, encode-text, diffusion forcing (with LoRA), self-forcing
-    from it, sample --prompt from both, export --merge-lora: every command of the toy block of
-    docs/lora_wan.md, on a toy Wan 2.1 pipeline and on one with SkyReels-V2's transformer."""
+    """make-shards with captions, encode-latents, encode-text (the captions, and a negative prompt),
+    diffusion forcing (with LoRA), self-forcing straight from the pipeline folder (its bidirectional
+    transformer the teacher and critic) and from the diffusion-forcing model (with LoRA), sample --prompt
+    from all three, export --merge-lora: every command of the toy block of docs/lora_wan.md, on a toy Wan
+    2.1 pipeline and on one with SkyReels-V2's transformer."""
     block = toy_block()
     if transformer == "skyreels":
         block = block.replace(
@@ -99,8 +101,13 @@ def test_the_readme_toy_workflow_runs_as_written(tmp_path, monkeypatch, transfor
     assert json.loads((out / "df/model/vae.json").read_text())["vae_class"] == "AutoencoderKLWan"
     generator, noise = load_model(out / "sf/model")
     assert isinstance(generator, CausalWan) and noise.parameterization == "flow"
-    assert (out / "sf/model" / LORA_FILE).is_file()  # the config's generator adapters
+    assert (out / "sf/model" / LORA_FILE).is_file()  # train.lora.rank=4: the generator's adapters
+    from_wan, _ = load_model(out / "sf_wan/model")  # from the pipeline: causal in blocks of 3, all trained
+    assert (from_wan.horizon, from_wan.frames_per_block) == (6, 3) and not (
+        out / "sf_wan/model" / LORA_FILE
+    ).exists()
+    assert json.loads((out / "sf_wan/model/sampling.json").read_text())["steps"] == [1000, 750, 500, 250]
     merged, _ = load_model(out / "merged")
     assert not (out / "merged" / LORA_FILE).exists() and isinstance(merged, CausalWan)
-    for video in "sample.mp4", "teacher.mp4":
+    for video in "sample.mp4", "sample_wan.mp4", "teacher.mp4":
         assert (out / video).stat().st_size > 0
