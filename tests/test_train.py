@@ -303,3 +303,16 @@ def test_two_processes(tmp_path, config_file):
     assert not set(keys[0]) & set(keys[1])  # one epoch of 16 clips: 4 batches a rank, disjoint
     assert_bitwise_equal(*(load_file(tmp_path / f"weights_{rank}.safetensors") for rank in (0, 1)))
     assert (tmp_path / "run/model/noise.json").exists()
+
+
+def test_validation_context_of_part_of_a_block_fails_before_a_step(config_file, data, tmp_path):
+    """A model of one block of 4 frames (full attention over its horizon) cannot continue 2 frames of
+    context: said before the first step, not at the first validation."""
+    overrides = [
+        "model.frames_per_block=4", f"validation.shards={data}/val-*.tar", "validation.context_frames=2",
+        "validation.every=8",
+    ]  # fmt: skip
+    with pytest.raises(ConfigError, match=r"validation.context_frames=2: the model denoises blocks of 4"):
+        train(load_config(config_file, overrides))
+    assert not (tmp_path / "run/checkpoints").exists() or not any((tmp_path / "run/checkpoints").iterdir())
+    reset_accelerate()

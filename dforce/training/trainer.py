@@ -120,6 +120,12 @@ class Trainer:
         check_data_text(config, text_dim)  # before a checkpoint is loaded or a step taken
         check_frames(config, accelerator.unwrap_model(objective.model), self.space)
         cfg, val = config.train, config.validation
+        block = accelerator.unwrap_model(objective.model).frames_per_block
+        if val.shards and val.context_frames % block:  # its rollouts continue whole blocks
+            raise ConfigError(
+                f"validation.context_frames={val.context_frames}: the model denoises blocks of {block} "
+                "frames; give a multiple, or validation.shards=null for a model of one block"
+            )
         ema = begin(accelerator, objective.model, self.given, config, self.start, state)
 
         clips = held_out_clips(config, accelerator) if val.shards else None
