@@ -70,7 +70,7 @@ self-forcing-demo: install outputs/demo/run/model/noise.json
 # (4 steps, unguided) and against the teacher of `make self-forcing-demo` where that has run.
 self-forcing-bidirectional-demo: install outputs/demo/run/model/noise.json
 	$(BIN)/dforce train configs/demo.yaml output_dir=outputs/demo/bidirectional model.frames_per_block=8 \
-		trajectory.name=sync loss.drop_history=0 validation.shards=null
+		trajectory.name=sync loss.drop_history=0 validation.shards=null validation.history_guidance=1
 	$(BIN)/dforce train configs/self_forcing_bidirectional_demo.yaml
 	$(BIN)/dforce eval --model outputs/demo/run/model --data "outputs/demo/balls/val-*.tar" --clips 32 \
 		--context-frames 4 --frames 60 --elbo-draws 0 --steps 4 --history-guidance 1 --out outputs/demo/eval_start
