@@ -164,3 +164,17 @@ def test_dropping_text(weighting):
     again = make_loss(weighting, drop_text=0.3)(spy, x0, seed=0, text=words)
     assert torch.equal(spy.calls[-1]["encoder_attention_mask"], call["encoder_attention_mask"])
     assert torch.equal(again.levels, dropped.levels)
+
+
+def test_a_level_shift_warps_the_levels_that_carry_loss():
+    """`level_shift` s maps each drawn level k to round(K s t / (1 + (s - 1) t)), t = k / K (self-forcing's
+    DMD levels, Self-Forcing's shift 5), before `level_range` clamps; the rest of the draw is unchanged."""
+    schedule, x0 = NoiseSchedule.from_name("cosine", 50), torch.rand(64, 4, 3, 8, 8)
+    weighting = get_weighting("sync", 4, 50)
+    plain = DenoisingLoss(schedule, "x0", weighting).draw(x0, seed=3)
+    shifted = DenoisingLoss(schedule, "x0", weighting, level_shift=5.0, level_range=(2, 48)).draw(x0, seed=3)
+    t = plain.levels.double() / 50
+    expected = (5 * t / (1 + 4 * t) * 50).round().long().clamp(2, 48)
+    assert torch.equal(shifted.levels, expected)
+    assert shifted.levels.float().mean() > plain.levels.float().mean() + 5
+    assert torch.equal(shifted.noise, plain.noise)

@@ -13,7 +13,7 @@ from dforce.data.text import Text
 from dforce.diffusion.history import History
 from dforce.diffusion.noise import NoiseConfig, NoiseSchedule
 from dforce.diffusion.rollout import chunk_schedule, denoise_step, rollout
-from dforce.diffusion.sampler import Sampler, ddim_step, ddpm_step, euler_step
+from dforce.diffusion.sampler import Sampler, ddim_step, ddpm_step, euler_step, renoise_step
 from dforce.diffusion.scheduling import scheduling_matrix
 from dforce.models.model import CausalVideoTransformer
 from dforce.training.checkpoint import load_model
@@ -182,7 +182,9 @@ def test_ddpm_is_ddim_with_eta_one_and_euler_is_ddim_on_flow():
     )
 
 
-@pytest.mark.parametrize("step", [ddim_step, functools.partial(ddim_step, eta=0.7), ddpm_step, euler_step])
+@pytest.mark.parametrize(
+    "step", [ddim_step, functools.partial(ddim_step, eta=0.7), ddpm_step, euler_step, renoise_step]
+)
 def test_frames_not_scheduled_to_move_are_untouched(step):
     """Frames whose level stays (clean ones included) come back bitwise, and the gradient stays finite
     even where the unused formula would divide by sigma_0 = 0."""
@@ -200,6 +202,24 @@ def test_frames_not_scheduled_to_move_are_untouched(step):
     assert (out[moving] != x[moving]).all()
     out.sum().backward()
     assert torch.isfinite(x0.grad).all() and (x0.grad[~moving] == 0).all()
+
+
+def test_renoise_is_the_clean_estimate_noised_afresh():
+    """renoise: x_j = alpha_j x0 + sigma_j z, with nothing of x or eps. It is not a sampler of a plain
+    denoiser's distribution: with the exact posterior mean and one step per level the samples' variance
+    collapses (each last step returns a posterior mean), which is why it is a few-step generator's step."""
+    schedule = noise_schedule("cosine")
+    generator = gen(5)
+    x, x0, eps, noise = torch.randn(4, 2, 3, 3, 2, 2, generator=generator)
+    levels, next_levels = torch.full((2, 3), 700), torch.full((2, 3), 300)
+    alpha, sigma = schedule._coefs(next_levels, x.ndim, torch.float64)
+    expected = alpha.float() * x0 + sigma.float() * noise
+    torch.testing.assert_close(renoise_step(schedule, x, x0, eps, levels, next_levels, noise), expected)
+    assert Sampler("renoise").stochastic
+    mean, std, start = gaussian_data()
+    matrix = scheduling_matrix("sync", 3, K, steps=K)
+    out = walk(schedule, matrix, start, posterior_mean(schedule, mean, std), Sampler("renoise"))
+    assert (out.var(0) < 0.6 * std[0] ** 2).all()  # about half the data's variance
 
 
 def test_sampler_errors():

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from dforce.diffusion.scheduling import scheduling_matrix
+from dforce.diffusion.scheduling import scheduling_matrix, step_grid
 
 
 @pytest.mark.parametrize("frames", [1, 3, 5])
@@ -77,3 +77,17 @@ def test_malformed_custom_matrix_is_a_clear_error(matrix, message):
 def test_bad_arguments_are_named(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_a_list_of_steps_is_self_forcings_warped_step_list():
+    """Self-Forcing's [1000, 750, 500, 250] warped by shift 5 over 1000 levels: the timesteps its
+    `warp_denoising_step` picks (1000 * 5t / (1 + 4t)), the same as 4 even steps with shift 5."""
+    grid = step_grid([1000, 750, 500, 250], 1000, 5.0)
+    assert grid.tolist() == [1000, 938, 833, 625, 0]
+    assert torch.equal(grid, step_grid(4, 1000, 5.0))
+    matrix = scheduling_matrix("autoregressive", 2, 1000, [1000, 750, 500, 250], block=1, shift=5.0)
+    assert matrix[:, 0].tolist() == [1000, 938, 833, 625, 0, 0, 0, 0, 0]
+    assert step_grid([1000, 400], 1000).tolist() == [1000, 400, 0]
+    for bad in ([750, 500], [1000, 1000, 500], [1000, 0], []):
+        with pytest.raises(ValueError, match="a list of steps must"):
+            step_grid(bad, 1000)

@@ -296,6 +296,17 @@ def test_self_forcing_passes_each_clips_text(text_model, text_data, tmp_path):
     core.distribution_matching(model, model, clip, seed=0, real=1, batch=batch)
     assert [m.any().item() for m in seen] == [True, False, True]  # teacher, teacher unconditional, critic
     assert torch.equal(seen[0], mask) and torch.equal(seen[2], mask)
+    # Against a negative prompt (one prompt of 3 tokens, padded to the clips' 8): the teacher's other branch.
+    negative = Text(torch.randn(1, 3, DIM), torch.ones(1, 3, dtype=torch.bool))
+    core.negative, states = negative, []
+    model.register_forward_pre_hook(
+        lambda _, args, kwargs: states.append(kwargs.get("encoder_hidden_states")), with_kwargs=True
+    )
+    seen.clear()
+    core.distribution_matching(model, model, clip, seed=0, real=1, batch=batch)
+    assert seen[1].tolist() == [[True] * 3 + [False] * 5] * 2
+    assert torch.equal(states[1][:, :3], negative.states.to(states[1].dtype).expand(2, -1, -1))
+    assert (states[1][:, 3:] == 0).all()
     with pytest.raises(ConfigError, match=r"self_forcing\.text_guidance: the teacher reads no text"):
         textless = CausalVideoTransformer.from_config({**model.config, "text_dim": None})
         SelfForcing(config, noise.build(), textless, textless)

@@ -9,7 +9,8 @@ whose level does not change comes back bitwise unchanged, so clean context stays
     ddpm   x_j ~ q(x_j | x_k, x0), the Gaussian posterior             (Ho et al. 2020; ddim with eta = 1)
     euler  x_j = x_k + (t_j - t_k)(eps - x0), rectified flow, t = sigma   (ddim on a flow schedule)
     renoise  x_j = alpha_j x0 + sigma_j z, the x0 estimate noised afresh  (a few-step generator's step:
-             Self-Forcing's and CausVid's, consistency models' multistep sampling)
+             Self-Forcing's and CausVid's, consistency models' multistep sampling; from a plain denoiser
+             it under-disperses, its last step returning a posterior mean)
 
 with std^2 = sigma_j^2 sigma_kj^2 / sigma_k^2 the posterior variance, sigma_kj^2 = sigma_k^2 -
 (alpha_k / alpha_j)^2 sigma_j^2 the variance of x_k given x_j; all of it holds for any alpha, sigma.
