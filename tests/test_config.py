@@ -156,4 +156,9 @@ def test_shipped_configs_load(name):
             load_config(path)
         load_config(path, ["model.config={}"])  # an explicit random model of diffusers' default shape
         return
+    if name == "wan_self_forcing.yaml":  # its teacher, the folder downloaded, comes from the command line
+        with pytest.raises(ConfigError, match=r"missing required key\(s\): self_forcing\.teacher"):
+            load_config(path)
+        load_config(path, ["self_forcing.teacher=WAN"])
+        return
     load_config(path)

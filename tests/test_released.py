@@ -14,6 +14,7 @@ from conftest import reset_accelerate
 from diffusers import WanTransformer3DModel
 from test_roles import STUDENT
 from test_text import encoder_dir, text_data  # noqa: F401 (fixtures)
+from test_wan import TINY
 
 from dforce.cli import main
 from dforce.models.released import read_released
@@ -22,10 +23,6 @@ from dforce.training.checkpoint import WAN_NOISE, load_model
 from dforce.training.config import load_config
 from dforce.training.train import train
 
-TINY = dict(
-    patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=3, out_channels=3,
-    text_dim=16, freq_dim=16, ffn_dim=32, num_layers=2,
-)  # fmt: skip
 # diffusers' names -> Wan's original ones (the inverse of diffusers' own conversion), in order.
 ORIGINAL = [
     ("condition_embedder.time_embedder.linear_1", "time_embedding.0"),
@@ -52,7 +49,7 @@ def released(tmp_path_factory) -> tuple[Path, Path, dict, dict]:
     """A pipeline root (transformer/ only) and a checkpoint in Self-Forcing's layout over its config: the
     EMA weights and other (noised) generator weights; both state dicts in diffusers' names."""
     torch.manual_seed(0)
-    reference = WanTransformer3DModel(**TINY)
+    reference = WanTransformer3DModel(**TINY | {"in_channels": 3, "out_channels": 3})
     root = tmp_path_factory.mktemp("released")
     reference.save_pretrained(root / "wan/transformer")
     ema = {k: v.clone() for k, v in reference.state_dict().items()}

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import reset_accelerate
-from diffusers import SkyReelsV2Transformer3DModel, WanTransformer3DModel
+from diffusers import WanTransformer3DModel
 from test_text import encoder_dir, text_data  # noqa: F401 (fixtures)
-from test_wan import diffusers_forward, inputs, text
+from test_wan import CLASSES, HORIZON, TINY, diffusers_forward, inputs, text
 
 from dforce.cli import main
 from dforce.data.text import Text
@@ -23,16 +23,6 @@ from dforce.training.config import ConfigError, SelfForcingConfig, load_config
 from dforce.training.objectives.roles import build_roles
 from dforce.training.train import train
 
-HORIZON = 6
-TINY = dict(
-    patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, text_dim=16, freq_dim=16,
-    ffn_dim=32, num_layers=2,
-)  # fmt: skip
-CLASSES = {
-    "wan": (WanTransformer3DModel, {}),
-    "skyreels": (SkyReelsV2Transformer3DModel, {"inject_sample_info": True}),
-}
-
 
 @pytest.fixture(scope="module", params=list(CLASSES))
 def pipeline(request, tmp_path_factory) -> tuple[Path, torch.nn.Module]:
@@ -40,7 +30,7 @@ def pipeline(request, tmp_path_factory) -> tuple[Path, torch.nn.Module]:
     diffusers model itself."""
     cls, extra = CLASSES[request.param]
     torch.manual_seed(0)
-    reference = cls(**TINY, in_channels=4, out_channels=4, **extra).eval()
+    reference = cls(**TINY, **extra).eval()
     root = tmp_path_factory.mktemp(request.param)
     reference.save_pretrained(root / "transformer")
     return root, reference
@@ -113,7 +103,8 @@ def pixel_pipeline(tmp_path_factory) -> Path:
     """A diffusers Wan transformer folder of 3 channels, to train on the pixel balls of `data`."""
     torch.manual_seed(0)
     root = tmp_path_factory.mktemp("wan_rgb")
-    WanTransformer3DModel(**TINY, in_channels=3, out_channels=3).save_pretrained(root / "transformer")
+    rgb = TINY | {"in_channels": 3, "out_channels": 3}
+    WanTransformer3DModel(**rgb).save_pretrained(root / "transformer")
     return root
 
 
