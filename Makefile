@@ -77,7 +77,7 @@ self-forcing-bidirectional-demo: install outputs/demo/run/model/noise.json
 	$(BIN)/dforce eval --model outputs/demo/self_forcing_bidirectional/model --data "outputs/demo/balls/val-*.tar" \
 		--clips 32 --context-frames 4 --frames 60 --elbo-draws 0 --out outputs/demo/eval_self_forcing_bidirectional
 	$(BIN)/dforce compare outputs/demo/eval_start outputs/demo/eval_self_forcing_bidirectional \
-		--names "start (causal demo model, 4 steps),self-forcing from the bidirectional teacher (4 steps)" \
+		--names "start (causal demo model; 4 steps),self-forcing from the bidirectional teacher (4 steps)" \
 		--out outputs/demo/self_forcing_bidirectional.md
 
 # The weighting ablation (configs/ablation.yaml; about 39 minutes on one CPU core): table and plots in
