@@ -463,23 +463,25 @@ def test_the_critic_schedule_counts_critic_updates(tmp_path, teacher, monkeypatc
 
 @pytest.mark.parametrize("weighting", ["teacher", "sync"])
 def test_every_frame_of_a_block_carries_dmd_and_critic_loss(tmp_path, teacher, weighting):
-    """A teacher of blocks of 2 frames: the staircase and the teacher layout per block (`teacher`), or one
-    level per clip (`sync`, the default), so the DMD state and the critic's loss weight every frame of
-    every block, each block at one level."""
-    overrides = ["self_forcing.context_frames=2", "self_forcing.rollout_frames=6"]
+    """A teacher of blocks of 3 frames (Self-Forcing's): the staircase and the teacher layout per block
+    (`teacher`), or one level per clip (`sync`, the default), so the DMD state and the critic's loss weight
+    every frame of every block, each block at one level."""
+    overrides = ["self_forcing.context_frames=3", "self_forcing.rollout_frames=9", "data.clip_frames=6"]
     _, config = student_config(tmp_path, teacher, *overrides, f"self_forcing.weighting={weighting}")
     net = CausalVideoTransformer(
-        sample_size=16, patch_size=4, num_frames=4, frames_per_block=2, num_layers=1,
+        sample_size=16, patch_size=4, num_frames=6, frames_per_block=3, num_layers=1,
         num_attention_heads=2, attention_head_dim=8,
     )  # fmt: skip
     schedule = NoiseSchedule.from_name("cosine", 50)
     core = SelfForcing(config, schedule, net, net)
-    assert core.loss.weighting.block == 2
-    state = core.loss.draw(torch.rand(3, 4, 3, 16, 16) * 2 - 1, seed=0)
+    assert core.loss.weighting.block == 3
+    state = core.loss.draw(torch.rand(3, 6, 3, 16, 16) * 2 - 1, seed=0)
     assert (state.weights > 0).all()
-    assert torch.equal(state.levels[:, ::2], state.levels[:, 1::2])
+    blocks = state.levels.unflatten(1, (2, 3))  # [B, block, frame]
+    assert (blocks == blocks[:, :, :1]).all()
     if weighting == "teacher":
         assert core.loss.teacher_layout
         assert state.inputs["context"] is not None  # clean earlier blocks seen through the teacher layout
+        assert (blocks[:, 0, 0] != blocks[:, 1, 0]).any()
     else:
         assert (state.levels == state.levels[:, :1]).all()
