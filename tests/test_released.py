@@ -82,7 +82,7 @@ def test_a_released_generator_loads_bitwise(released, tmp_path):
     assert (tmp_path / "sample.mp4").stat().st_size > 0
 
 
-def test_a_released_generator_trains_on(released, tmp_path, text_data, encoder_dir):  # noqa: F811
+def test_a_released_generator_trains_on(released, tmp_path, text_data, encoder_dir):
     """Self-forcing continues the released generator (`self_forcing.generator`) against the bidirectional
     base it was distilled from."""
     base, checkpoint, ema, _ = released

@@ -13,7 +13,7 @@ import torch
 from conftest import reset_accelerate
 from diffusers import WanTransformer3DModel
 from test_text import encoder_dir, text_data  # noqa: F401 (fixtures)
-from test_wan import CLASSES, HORIZON, TINY, diffusers_forward, inputs, text
+from test_wan import HORIZON, TINY, diffusers_forward, inputs, pretrained, text  # noqa: F401 (pretrained: a fixture)
 
 from dforce.cli import main
 from dforce.data.text import Text
@@ -24,21 +24,9 @@ from dforce.training.objectives.roles import build_roles
 from dforce.training.train import train
 
 
-@pytest.fixture(scope="module", params=list(CLASSES))
-def pipeline(request, tmp_path_factory) -> tuple[Path, torch.nn.Module]:
-    """A pipeline root whose `transformer/` is a random diffusers transformer of 4 latent channels, and the
-    diffusers model itself."""
-    cls, extra = CLASSES[request.param]
-    torch.manual_seed(0)
-    reference = cls(**TINY, **extra).eval()
-    root = tmp_path_factory.mktemp(request.param)
-    reference.save_pretrained(root / "transformer")
-    return root, reference
-
-
 @pytest.mark.parametrize("lora", [True, False])
-def test_a_diffusers_folder_is_a_bidirectional_teacher_and_critic(pipeline, lora):
-    root, reference = pipeline
+def test_a_diffusers_folder_is_a_bidirectional_teacher_and_critic(pretrained, lora):
+    root, reference = pretrained
     sf = SelfForcingConfig(teacher=str(root), frames_per_block=2, sample_size=[8, 8])
     roles = build_roles(sf, lora, HORIZON, None)
     assert roles.bidirectional and roles.noise == WAN_NOISE
@@ -71,8 +59,8 @@ def test_a_diffusers_folder_is_a_bidirectional_teacher_and_critic(pipeline, lora
         assert all(p.requires_grad != lora for p in role.parameters())
 
 
-def test_roles_that_do_not_fit_name_the_key(pipeline, tmp_path):
-    root, _ = pipeline
+def test_roles_that_do_not_fit_name_the_key(pretrained, tmp_path):
+    root, _ = pretrained
     with pytest.raises(ConfigError, match=r"self_forcing.frames_per_block: the teacher attends"):
         build_roles(SelfForcingConfig(teacher=str(root), sample_size=[8, 8]), True, HORIZON, None)
     with pytest.raises(ConfigError, match=r"self_forcing.sample_size: .* diffusers folder"):
@@ -108,7 +96,7 @@ def pixel_pipeline(tmp_path_factory) -> Path:
     return root
 
 
-def test_self_forcing_from_a_diffusers_folder(tmp_path, text_data, encoder_dir, pixel_pipeline):  # noqa: F811
+def test_self_forcing_from_a_diffusers_folder(tmp_path, text_data, encoder_dir, pixel_pipeline):
     """ODE init from the bidirectional teacher (the whole clip on its shifted grid), then distribution
     matching on the generator's explicit step list with the renoise step, the teacher guided against a
     negative prompt that `dforce encode-text --prompt` wrote; the exported generator is a causal Wan in
