@@ -21,7 +21,7 @@ import torch
 from accelerate import init_empty_weights
 from diffusers.loaders import WanLoraLoaderMixin
 from diffusers.loaders.lora_base import LORA_WEIGHT_NAME_SAFE
-from peft.tuners.tuners_utils import check_target_module_exists
+from peft.tuners.tuners_utils import cast_adapter_dtype, check_target_module_exists
 from peft.utils import get_peft_model_state_dict
 from torch import nn
 
@@ -78,6 +78,7 @@ def add_lora(model: nn.Module, cfg: LoraConfig) -> None:
         lora_dropout=cfg.dropout,
     )
     root.add_adapter(config, adapter_name=ADAPTER)
+    cast_adapter_dtype(root, ADAPTER)  # fp32 adapters over a bf16 base, as peft's own models make them
 
 
 def lora_module(model: nn.Module) -> tuple[str, nn.Module]:

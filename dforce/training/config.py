@@ -76,6 +76,7 @@ class TrainConfig:
     ema_decay: float = 0.999
     ema_start: int = 0  # the EMA copies the weights until this step, then averages (Self-Forcing: 200)
     mixed_precision: str | None = None  # no | bf16; None: the launch's (accelerate launch --mixed_precision)
+    frozen_fp32: bool = False  # keep frozen weights (LoRA base, teacher) in fp32 under bf16, not in bf16
     gradient_checkpointing: bool = False
     attention_backend: str = "auto"  # auto | flex | sdpa
     compile: bool | None = None  # regional torch.compile; None: on CUDA only

@@ -49,16 +49,35 @@ def step_seed(*keys: int) -> int:
     return int(np.random.SeedSequence(list(keys)).generate_state(1, np.uint64)[0] >> 1)
 
 
-def trainable(model: Backbone, cfg: TrainConfig, device: torch.device) -> Backbone:
-    """The model with the config's LoRA adapters (its base frozen), attention backend, activation
-    checkpointing and regional compile."""
+def trainable(model: Backbone, cfg: TrainConfig, accelerator: Accelerator) -> Backbone:
+    """The model with the config's LoRA adapters (its base frozen and held as `hold_frozen` says),
+    attention backend, activation checkpointing and regional compile."""
+    device = accelerator.device
     if cfg.lora is not None:
         add_lora(model, cfg.lora)
+        hold_frozen(model, frozen_dtype(cfg, accelerator))
     model.attention_backend = cfg.attention_backend
     if cfg.gradient_checkpointing:
         model.enable_gradient_checkpointing()
     if cfg.compile if cfg.compile is not None else device.type == "cuda":
         model.compile_repeated_blocks(fullgraph=True)
+    return model
+
+
+def frozen_dtype(cfg: TrainConfig, accelerator: Accelerator) -> torch.dtype:
+    """The dtype frozen weights (a LoRA base, self-forcing's teacher) are held in: bf16 when training in
+    bf16, as diffusers' training scripts hold them (half the memory; autocast computes in bf16 anyway), unless
+    `train.frozen_fp32`; fp32 otherwise, and under FSDP2, whose shards take one dtype per module."""
+    bf16 = accelerator.mixed_precision == "bf16" and not cfg.frozen_fp32 and not accelerator.is_fsdp2
+    return torch.bfloat16 if bf16 else torch.float32
+
+
+def hold_frozen(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """`model`'s frozen floating-point weights in `dtype`, in place (trees sharing them see it too); the
+    trained ones stay as they are."""
+    for parameter in model.parameters():
+        if not parameter.requires_grad and parameter.is_floating_point() and parameter.dtype != dtype:
+            parameter.data = parameter.data.to(dtype)
     return model
 
 

@@ -39,6 +39,7 @@ RESUMABLE = (
     "train.lr_scheduler",
     "train.warmup_steps",
     "train.mixed_precision",
+    "train.frozen_fp32",
     "train.gradient_checkpointing",
     "train.attention_backend",
     "train.compile",

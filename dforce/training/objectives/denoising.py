@@ -25,7 +25,7 @@ class Denoising:
     def __init__(self, config: Config, trainer: Trainer) -> None:
         self.config, self.trainer, cfg = config, trainer, config.train
         torch.manual_seed(config.seed)  # the same initial weights on every process
-        model = trainable(build_model(model_kwargs(config)), cfg, trainer.device)
+        model = trainable(build_model(model_kwargs(config)), cfg, trainer.accelerator)
         optimizer, lr_scheduler = make_optimizer(model, cfg, cfg.lr, cfg.max_steps, trainer.world)
         self.model, self.optimizer, self.lr_scheduler = trainer.accelerator.prepare(
             model, optimizer, lr_scheduler

@@ -22,7 +22,15 @@ import torch
 from dforce.data.text import Text
 from dforce.models.backbone import Backbone
 from dforce.training.config import Config, ConfigError, TrainConfig
-from dforce.training.engine import Meter, make_optimizer, optimizer_step, step_seed, trainable
+from dforce.training.engine import (
+    Meter,
+    frozen_dtype,
+    hold_frozen,
+    make_optimizer,
+    optimizer_step,
+    step_seed,
+    trainable,
+)
 from dforce.training.objectives.dmd import CRITIC, DMD, PLAN, ROLLOUT, SelfForcing, plan_rollout
 from dforce.training.objectives.ode_init import ode_regression
 from dforce.training.objectives.roles import build_roles
@@ -48,11 +56,11 @@ class SelfForcingObjective:
         self.schedule = roles.noise.build().to(device)
         negative = None if sf.negative_prompt is None else load_negative(sf.negative_prompt, roles.teacher)
         self.core = SelfForcing(config, self.schedule, roles.teacher, roles.generator, negative)
-        teacher = roles.teacher
+        teacher = hold_frozen(roles.teacher, frozen_dtype(cfg, accelerator))
         teacher.attention_backend = cfg.attention_backend
         torch.manual_seed(config.seed)  # the adapters' first weights, alike on every process
         starts = roles.generator, roles.critic
-        generator, critic = (trainable(net.train(), cfg, device) for net in starts)
+        generator, critic = (trainable(net.train(), cfg, accelerator) for net in starts)
         self.ode_steps = sf.ode_steps if sf.init == "ode" else 0  # the ODE regression comes first
         self.steps = cfg.max_steps + self.ode_steps
         # The critic's schedule runs in its own updates: critic_steps per generator step after the ODE steps.
