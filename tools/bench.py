@@ -556,7 +556,7 @@ def scale_row(
         gathered = 2 * 4 * block  # the block in use and the one prefetched: bf16 weights and gradients
     else:
         trainable = lora_parameters(model, lora)
-        # the frozen base as dforce keeps it (fp32: --lora-base-bytes 4); the adapters as above
+        # the frozen base as dforce keeps it under FSDP2 (fp32: --lora-base-bytes 4); the adapters as above
         sharded = (args.lora_base_bytes * params + 20 * trainable) / args.gpus
         gathered = 2 * 2 * block  # bf16 weights of two blocks; no gradients of the base
     plain = tokens * layers * per_token_layer + tokens * once_per_token
@@ -912,7 +912,7 @@ def build_parser() -> argparse.ArgumentParser:
         "bf16 autocast, computed, not measured: parameters counted on the meta device (ours at d640/1536/"
         "3072; Wan 2.1 1.3B and 14B from their published configs), sharded state (20 bytes a trainable "
         "weight: fp32 weights, gradients, AdamW moments, EMA; with LoRA the frozen base in fp32, as dforce "
-        "keeps it, 4 bytes), "
+        "keeps it under FSDP2, 4 bytes), "
         "two gathered blocks in bf16 (weights and gradients; LoRA: weights), activations from the bytes per "
         "token and layer that `memory` measures (ours: --ours-bytes x d; Wan: --wan-bytes A B, A x d + B x "
         "ffn_dim, and --wan-once x d per token once), checkpointed: each block's bf16 input (2d bytes per "
