@@ -14,7 +14,7 @@ TORCH ?= $(shell if ! command -v nvidia-smi >/dev/null 2>&1 && [ "$$(uname -s)" 
 install_torch = $(1)/python -m pip install --quiet "$(TORCH)" 2>/dev/null || \
 	$(1)/python -m pip install --quiet "$(TORCH)" --extra-index-url $(CPU_INDEX)
 
-.PHONY: demo self-forcing-demo self-forcing-bidirectional-demo ablation test lint install lock clean
+.PHONY: demo self-forcing-demo self-forcing-bidirectional-demo gpu-bundle ablation test lint install lock clean
 
 install: $(VENV)/.installed
 
@@ -79,6 +79,14 @@ self-forcing-bidirectional-demo: install outputs/demo/run/model/noise.json
 	$(BIN)/dforce compare outputs/demo/eval_start outputs/demo/eval_self_forcing_bidirectional \
 		--names "start (causal demo model; 4 steps),self-forcing from the bidirectional teacher (4 steps)" \
 		--out outputs/demo/self_forcing_bidirectional.md
+
+# What a lent GPU machine needs to run tools/gpu_check.py (docs/gpu_check.md): the pure-Python wheels its bare
+# image lacks, at the versions tested here, and the yardstick, which does not travel from ../shared.
+GPU_WHEELS := $(shell grep -E '^(diffusers|webdataset|braceexpand)==' constraints.txt)
+gpu-bundle: install
+	rm -rf .gpu && mkdir -p .gpu/wheels
+	cp ../shared/bench/yardstick.py .gpu/
+	$(BIN)/python -m pip download -q --no-deps --only-binary=:all: -d .gpu/wheels $(GPU_WHEELS)
 
 # The weighting ablation (configs/ablation.yaml; about 39 minutes on one CPU core): table and plots in
 # outputs/ablation. Rerunning skips finished runs.

@@ -33,7 +33,6 @@ import types
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import decord
 import diffusers
 import numpy as np
 import torch
@@ -142,6 +141,8 @@ def best_rates(runs: dict[str, Callable[[], int]], repeat: int) -> dict[str, flo
 
 
 def bench_data(args: argparse.Namespace) -> list[dict]:
+    import decord  # here only: the rest of bench (and tools/gpu_check.py) runs where decord is absent
+
     torch.set_num_threads(1)  # as in a DataLoader worker
     figures = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -8,7 +8,6 @@ import os
 import sys
 from collections.abc import Iterator, Sequence
 
-import decord
 import numpy as np
 import torch
 
@@ -46,11 +45,14 @@ class Video:
     """
 
     def __init__(self, data: bytes):
+        import decord  # here, so that dforce imports where decord is absent (a bare GPU machine)
+
         self.data = data
+        self.errors = (RuntimeError, decord.DECORDError)
         try:
             with _native_stderr_silenced():
                 self.reader = decord.VideoReader(io.BytesIO(data), num_threads=1)
-        except (RuntimeError, decord.DECORDError) as error:
+        except self.errors as error:
             raise SkipSample(_reason(error)) from error
         self.frames, self.fps = len(self.reader), self.reader.get_avg_fps()
 
@@ -59,7 +61,7 @@ class Video:
         indices = [int(i) for i in indices]
         try:
             frames = self.reader.get_batch(indices).asnumpy()  # [T, H, W, C]
-        except (RuntimeError, decord.DECORDError) as error:
+        except self.errors as error:
             if "DECORDArrayCopyFromTo" not in str(error):
                 raise SkipSample(_reason(error)) from error
             frames = self._read_with_av(indices)
