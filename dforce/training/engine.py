@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from diffusers.optimization import get_scheduler
+from torch.distributed.tensor import DTensor
 
 from dforce.diffusion.loss import DenoisingLoss, LossOutput
 from dforce.diffusion.trajectory import get_weighting
@@ -120,7 +121,15 @@ def optimizer_step(
 ) -> torch.Tensor:
     """Clip, then step unless the gradient is not finite (counted; too many in a row stop the run
     naming the last good checkpoint); -> the gradient norm."""
-    grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+    if accelerator.is_fsdp2:
+        # Accelerate finds the model to clip by comparing parameter lists with `==`, which raises for two
+        # prepared models of the same size (self-forcing's generator and critic); torch clips DTensor
+        # gradients itself, one mesh per model.
+        grads = [p for p in model.parameters() if p.grad is not None]
+        grad_norm = torch.nn.utils.clip_grad_norm_(grads, cfg.max_grad_norm)
+        grad_norm = grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm
+    else:
+        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
     if torch.isfinite(grad_norm):  # the step's one host sync: a NaN loss makes the norm NaN
         optimizer.step()
         state.bad_in_a_row = 0

@@ -68,9 +68,18 @@ class SelfForcingObjective:
         self.critic_cfg = critic_cfg = critic_train_config(config)
         critic_lr, updates = sf.critic_lr or cfg.lr, sf.critic_steps
         c_opt, c_sched = make_optimizer(critic, critic_cfg, critic_lr, cfg.max_steps, trainer.world, updates)
-        prepared = accelerator.prepare(generator, critic, g_opt, c_opt, g_sched, c_sched)
-        self.model, self.critic, self.g_opt, self.c_opt, self.g_sched, self.c_sched = prepared
-        self.teacher = accelerator.prepare_model(teacher, evaluation_mode=True)  # frozen: no DDP
+        # One model a `prepare`, as FSDP2 takes them (the same lists of models, optimisers and schedulers
+        # as one call would make, so checkpoints keep their layout); the frozen teacher is sharded under
+        # FSDP2, and only placed otherwise (no DDP: it has nothing to synchronise).
+        self.model, self.g_opt, self.g_sched = accelerator.prepare(generator, g_opt, g_sched)
+        self.critic, self.c_opt, self.c_sched = accelerator.prepare(critic, c_opt, c_sched)
+        if accelerator.is_fsdp2:
+            self.teacher = accelerator.prepare(teacher)
+            # FSDP2 keeps a root unsharded after its forward, for the backward that follows; the teacher
+            # has none, so its root reshards at once (its blocks do so themselves).
+            self.teacher.register_forward_hook(lambda module, args, out: module.reshard())
+        else:
+            self.teacher = accelerator.prepare_model(teacher, evaluation_mode=True)
 
         self.meter = Meter(self.schedule.levels, device)  # the critic's denoising loss
         self.dmd_sum, self.grad_sum = torch.zeros((), device=device), torch.zeros((), device=device)
