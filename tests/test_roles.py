@@ -5,6 +5,7 @@ no diffusion-forcing stage, ODE init included."""
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from test_wan import HORIZON, TINY, diffusers_forward, inputs, pretrained, text 
 from dforce.cli import main
 from dforce.data.text import Text
 from dforce.models.wan import CausalWan
-from dforce.training.checkpoint import WAN_NOISE, load_model
+from dforce.training.checkpoint import WAN_NOISE, load_model, write_model
 from dforce.training.config import ConfigError, SelfForcingConfig, load_config
 from dforce.training.objectives.roles import build_roles
 from dforce.training.train import train
@@ -121,3 +122,28 @@ def test_self_forcing_from_a_diffusers_folder(tmp_path, text_data, encoder_dir, 
     reset_accelerate()
     for key, value in resumed.state_dict().items():
         assert torch.equal(value, whole[key]), key
+
+
+def test_the_critic_and_generator_may_start_elsewhere(pretrained, tmp_path):
+    """`self_forcing.critic` and `generator`: model directories whose weights start those roles, the critic
+    rebuilt in the teacher's architecture (one block of the horizon), the generator kept causal."""
+    root, _ = pretrained
+    torch.manual_seed(1)
+    other = CausalWan(
+        transformer_config=dict(TINY), num_frames=HORIZON, frames_per_block=3, sample_size=(8, 8)
+    )
+    write_model(other, WAN_NOISE, tmp_path / "other")
+    sf = SelfForcingConfig(
+        teacher=str(root),
+        sample_size=[8, 8],
+        critic=str(tmp_path / "other"),
+        generator=str(tmp_path / "other"),
+    )
+    roles = build_roles(sf, False, HORIZON, None)
+    assert (roles.critic.frames_per_block, roles.generator.frames_per_block) == (HORIZON, 3)
+    for role in roles.critic, roles.generator:
+        weights = zip(role.state_dict().values(), other.state_dict().values(), strict=True)
+        assert all(torch.equal(a, b) for a, b in weights)
+        assert all(p.requires_grad for p in role.parameters())
+    with pytest.raises(ConfigError, match=r"self_forcing\.frames_per_block: 2, but the generator"):
+        build_roles(dataclasses.replace(sf, frames_per_block=2), False, HORIZON, None)
