@@ -81,6 +81,12 @@ class Backbone(Protocol):
     def save_pretrained(self, directory: str | Path) -> None: ...
 
 
+def is_bidirectional(model: Backbone) -> bool:
+    """Whether the model's one block is its horizon: it sees a whole clip with full attention (self-forcing
+    scores a clip with such a teacher at one level, reading no generated history)."""
+    return model.frames_per_block == model.horizon
+
+
 # Classes by the `_class_name` that `save_pretrained` writes in config.json (`CausalWan` writes Wan's own).
 BACKBONES: dict[str, type] = {"CausalVideoTransformer": CausalVideoTransformer} | dict.fromkeys(
     TRANSFORMERS, CausalWan

@@ -20,12 +20,10 @@ import torch
 from diffusers.loaders.single_file_utils import convert_wan_transformer_to_diffusers
 from torch import Tensor
 
-from dforce.models.wan import CausalWan, transformer_class_name
+from dforce.models.wan import CausalWan, transformer_class_name, transformer_folder
 
-KEYS = (
-    "generator_ema",
-    "generator",
-)  # the entries a released checkpoint holds, the one read by default first
+# The entries a released checkpoint holds, the one read by default first.
+KEYS = ("generator_ema", "generator")
 WRAPPERS = ("model.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 
 
@@ -67,10 +65,8 @@ def load_released(
     """A `CausalWan` of the transformer config in `base` (a pipeline root with transformer/, or the
     transformer folder; its weights are not read) holding the released weights of `path` (`read_released`),
     with `settings` (num_frames, frames_per_block, sample_size, ...); and the entry read."""
-    folder = Path(base)
-    if not (folder / "config.json").is_file() and (folder / "transformer/config.json").is_file():
-        folder = folder / "transformer"
-    name = transformer_class_name(folder)
+    folder = transformer_folder(Path(base)) or Path(base)
+    name = transformer_class_name(folder)  # a folder of another model: ValueError naming it
     config = {
         k: v for k, v in json.loads((folder / "config.json").read_text()).items() if not k.startswith("_")
     }

@@ -297,6 +297,16 @@ def transformer_class_name(path: Path) -> str:
     return name
 
 
+def transformer_folder(path: Path) -> Path | None:
+    """The diffusers Wan / SkyReels-V2 transformer folder at `path` or in its `transformer/` (a pipeline
+    root), None if neither holds one."""
+    for folder in (path, path / "transformer"):
+        file = folder / "config.json"
+        if file.is_file() and json.loads(file.read_text()).get("_class_name") in TRANSFORMERS:
+            return folder
+    return None
+
+
 def check_transformer(name: str, config: dict[str, Any]) -> None:
     """ValueError("key: problem") unless `config` is an init config of transformer class `name` that dforce
     can drive: text-to-video (no image embedding), temporal patch 1."""

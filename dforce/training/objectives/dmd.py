@@ -32,7 +32,7 @@ from dforce.diffusion.rollout import chunk_schedule, generate
 from dforce.diffusion.sampler import Sampler
 from dforce.diffusion.scheduling import step_count
 from dforce.diffusion.trajectory import get_weighting
-from dforce.models.backbone import Backbone
+from dforce.models.backbone import Backbone, is_bidirectional
 from dforce.training.config import Config, ConfigError, SelfForcingConfig
 
 PLAN = 1  # seed key of the draws every process shares: exit steps and the loss window
@@ -80,14 +80,10 @@ class SelfForcing:
         """`teacher` and `generator` unwrapped (their shapes are read); `negative`: the unconditional text
         of the teacher's text guidance (default the null text)."""
         self.sf = sf = config.self_forcing
-        self.schedule, self.parameterization, self.negative = (
-            schedule,
-            config.noise.parameterization,
-            negative,
-        )
+        self.schedule, self.parameterization = schedule, config.noise.parameterization
+        self.negative = negative
         self.horizon, self.block = generator.horizon, generator.frames_per_block  # the rollout's blocks
         self.score_block = teacher.frames_per_block  # the teacher's and the critic's: the loss's blocks
-        self.bidirectional = self.score_block == self.horizon
         if sf.context_frames % self.block or sf.sink % self.block:
             raise ConfigError(f"self_forcing.context_frames and sink must be whole blocks of {self.block}")
         self.total = sf.rollout_frames or self.horizon  # context + generated frames per clip
@@ -100,7 +96,7 @@ class SelfForcing:
             raise ConfigError(
                 "self_forcing.text_guidance: the teacher reads no text (built without text_dim)"
             )
-        if sf.guidance != 1 and self.bidirectional:
+        if sf.guidance != 1 and is_bidirectional(teacher):
             raise ConfigError(
                 "self_forcing.guidance: a bidirectional teacher reads no history to guide over; leave it 1"
             )

@@ -22,9 +22,9 @@ from pathlib import Path
 
 from dforce.data.latents import LatentSpace, hash_config
 from dforce.diffusion.noise import NoiseConfig
-from dforce.models.backbone import Backbone
+from dforce.models.backbone import Backbone, is_bidirectional
 from dforce.models.lora import merge_lora, share_base
-from dforce.models.wan import TRANSFORMERS, CausalWan
+from dforce.models.wan import TRANSFORMERS, CausalWan, transformer_folder
 from dforce.training.checkpoint import WAN_NOISE, load_model
 from dforce.training.config import ConfigError, SelfForcingConfig
 
@@ -38,18 +38,7 @@ class Roles:
 
     @property
     def bidirectional(self) -> bool:
-        """Whether the teacher sees the whole clip as one block (scores it at one level)."""
-        return self.teacher.frames_per_block == self.teacher.horizon
-
-
-def diffusers_transformer(path: Path) -> Path | None:
-    """The transformer folder of a plain diffusers Wan / SkyReels-V2 folder (the folder itself or its
-    `transformer/`), None if it is neither."""
-    for folder in (path, path / "transformer"):
-        file = folder / "config.json"
-        if file.is_file() and json.loads(file.read_text()).get("_class_name") in TRANSFORMERS:
-            return folder
-    return None
+        return is_bidirectional(self.teacher)
 
 
 def load_teacher(
@@ -77,7 +66,7 @@ def load_teacher(
                 f"{list(teacher.frame_shape[1:])}"
             )
         return merge_lora(teacher), noise  # a LoRA-trained teacher as a plain model
-    folder = diffusers_transformer(path)
+    folder = transformer_folder(path)
     if folder is None:
         raise ConfigError(
             f"self_forcing.teacher: {path} holds neither a dforce model (no {NoiseConfig.FILE}) nor a "
@@ -117,7 +106,7 @@ def build_roles(sf: SelfForcingConfig, lora: bool, horizon: int, space: LatentSp
     teacher.requires_grad_(False)
     if teacher.horizon != horizon:
         raise ConfigError(f"data.clip_frames={horizon} must be the teacher's horizon {teacher.horizon}")
-    bidirectional = teacher.frames_per_block == teacher.horizon
+    bidirectional = is_bidirectional(teacher)
     if sf.generator is not None:
         generator, generator_noise = load_model(sf.generator)
         generator = merge_lora(generator)
